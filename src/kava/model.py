@@ -1,0 +1,274 @@
+"""Teacher and student passes and the combined KaVa objective (METHOD.md sections 1-3).
+
+``KavaModel(backbone, cfg)(batch)`` runs, for the latent methods (kava, pccot, codi):
+teacher pass (CE + captured CoT keys/values and answer-span queries) -> eviction to M
+entries per (layer, KV head) -> student pass 0 + T Jacobi iterations + answer pass ->
+losses. For ``cot``/``nocot`` it is plain SFT on the teacher sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kava import eviction, losses
+from kava.attention import RowCapture, capture_rows, positions_from_mask
+from kava.backbone import Backbone, cache_from_kv, kv_from_cache
+from kava.batching import IGNORE, Batch, StudentBatch, TeacherBatch
+from kava.config import KavaConfig
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [B, H_kv, S, d]
+
+
+def stack_kv(kv: KV) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer list -> ``(k, v)`` each ``[L, B, H_kv, S, d]``."""
+    return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
+
+
+def selected_nll(
+    backbone: Backbone, hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL summed per row, computing logits only where a label exists.
+
+    ``hidden [B, S, D]`` (final norm applied), ``labels [B, S]`` aligned with the inputs.
+    Returns ``(nll_sum [B], count [B])`` — equal to ``losses.token_nll`` on full logits,
+    without the full-vocabulary logits of question, latent and pad positions.
+    """
+    target = labels[:, 1:]
+    sel = target != IGNORE
+    logits = backbone.logits(hidden[:, :-1][sel])  # [N_sel, V]
+    nll = nn.functional.cross_entropy(logits, target[sel], reduction="none")
+    rows = sel.nonzero()[:, 0]
+    nll_sum = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(
+        0, rows, nll
+    )
+    return nll_sum, sel.sum(-1)
+
+
+@dataclass
+class TeacherOutput:
+    nll_sum: torch.Tensor  # [B]
+    count: torch.Tensor  # [B]
+    hidden: torch.Tensor | None  # [L, B, D] at the distillation position, detached
+    capture: RowCapture | None  # answer-span queries, CoT keys/values (detached)
+
+    @property
+    def ce(self) -> torch.Tensor:
+        return losses.mean_ce(self.nll_sum, self.count)
+
+
+def teacher_forward(
+    backbone: Backbone, batch: TeacherBatch, capture_kv: bool = True, hidden: bool = True
+) -> TeacherOutput:
+    """Teacher pass over ``question ++ cot ++ prompt ++ answer ++ eos`` (right-padded)."""
+    mask = batch.attention_mask
+    cap = RowCapture(batch.answer_index, batch.cot_index) if capture_kv else None
+    with capture_rows(cap) if cap is not None else contextlib.nullcontext():
+        out = backbone(
+            backbone.embed(batch.input_ids),
+            mask,
+            positions_from_mask(mask, mask.shape[1]),
+            output_hidden_states=hidden,
+        )
+    nll_sum, count = selected_nll(backbone, out.last_hidden_state, batch.labels)
+    distill = None
+    if hidden:
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        distill = torch.stack(
+            [h[rows, batch.distill_index] for h in out.hidden_states[1:]]
+        ).detach()
+    return TeacherOutput(nll_sum, count, distill, cap)
+
+
+@dataclass
+class LatentState:
+    """What the latent passes leave behind for the answer pass (training or generation)."""
+
+    key_mask: torch.Tensor  # [B, S_q + M] bool: question (left-padded) + <bot> + M latents
+    question_kv: KV  # KV of question + <bot> from pass 0, [B, H_kv, S_q, d] per layer
+    latent_kv: KV  # latent KV of the last pass (iteration T, or pass 0 when T=0), [B, H_kv, M, d]
+    iteration_kv: list[KV] = field(default_factory=list)  # latent KV of every pass 0..T
+    inputs: list[torch.Tensor] = field(
+        default_factory=list
+    )  # latent inputs x of iterations 1..T, [B, M, D]
+
+    def answer_cache(self):
+        """A cache of question + last latent KV for the answer pass (a new tensor per layer)."""
+        return cache_from_kv(
+            [
+                (torch.cat([qk, lk], 2), torch.cat([qv, lv], 2))
+                for (qk, qv), (lk, lv) in zip(self.question_kv, self.latent_kv)
+            ]
+        )
+
+
+def latent_passes(
+    backbone: Backbone, question_ids: torch.Tensor, question_mask: torch.Tensor, m: int, t: int
+) -> LatentState:
+    """Pass 0 and ``t`` Jacobi iterations (PCCoT) over M latent slots.
+
+    ``question_ids [B, S_q]`` left-padded, ending with ``<bot>``; ``question_mask [B, S_q]``.
+    Pass 0 reads ``question ++ <bot> ++ M x <latent>``; the inputs of the iterations are
+    shifted hidden states through ``prj``: ``x[1] = prj(h[<bot>])`` (fixed) and
+    ``x[j] = prj(y[j-1])``. No detach: gradients flow through every iteration.
+    """
+    b, s_q = question_ids.shape
+    key_mask = torch.cat([question_mask, question_mask.new_ones(b, m)], dim=1)
+    ids0 = torch.cat([question_ids, question_ids.new_full((b, m), backbone.ids.latent)], dim=1)
+    out = backbone(backbone.embed(ids0), key_mask, positions_from_mask(key_mask, s_q + m))
+    question_kv = kv_from_cache(out.past_key_values, 0, s_q)
+    latent_kv = kv_from_cache(out.past_key_values, s_q)
+    state = LatentState(key_mask, question_kv, latent_kv, [latent_kv])
+    x = backbone.prj(out.last_hidden_state[:, s_q - 1 : s_q - 1 + m])
+    latent_pos = positions_from_mask(key_mask, m)
+    for i in range(t):
+        state.inputs.append(x)
+        out = backbone(x, key_mask, latent_pos, cache=cache_from_kv(question_kv))
+        state.latent_kv = kv_from_cache(out.past_key_values, s_q)
+        state.iteration_kv.append(state.latent_kv)
+        if i < t - 1:
+            x = torch.cat([x[:, :1], backbone.prj(out.last_hidden_state[:, :-1])], dim=1)
+    return state
+
+
+@dataclass
+class StudentOutput:
+    nll_sum: torch.Tensor  # [B]
+    count: torch.Tensor  # [B]
+    hidden: torch.Tensor  # [L, B, D] at the distillation position (with grad)
+    state: LatentState
+
+    @property
+    def ce(self) -> torch.Tensor:
+        return losses.mean_ce(self.nll_sum, self.count)
+
+
+def student_forward(backbone: Backbone, batch: StudentBatch, m: int, t: int) -> StudentOutput:
+    """Latent passes, then ``<eot> ++ prompt ++ answer ++ eos`` on the last latent KV."""
+    state = latent_passes(backbone, batch.question_ids, batch.question_mask, m, t)
+    key_mask = torch.cat([state.key_mask, batch.answer_mask], dim=1)
+    s_a = batch.answer_ids.shape[1]
+    out = backbone(
+        backbone.embed(batch.answer_ids),
+        key_mask,
+        positions_from_mask(key_mask, s_a),
+        cache=state.answer_cache(),
+        output_hidden_states=True,
+    )
+    nll_sum, count = selected_nll(backbone, out.last_hidden_state, batch.answer_labels)
+    hidden = torch.stack([h[:, batch.distill_index] for h in out.hidden_states[1:]])
+    return StudentOutput(nll_sum, count, hidden, state)
+
+
+@dataclass
+class CompressedKV:
+    k: torch.Tensor  # [L, B, H_kv, M, d]
+    v: torch.Tensor  # [L, B, H_kv, M, d]
+    slot_mask: torch.Tensor  # [L, B, H_kv, M] bool
+
+
+@torch.no_grad()
+def compress_teacher_kv(
+    capture: RowCapture,
+    batch: TeacherBatch,
+    m: int,
+    method: str = "rkv",
+    lam: float = 0.1,
+    order: str = "position",
+    generator: torch.Generator | None = None,
+) -> CompressedKV:
+    """Evict the teacher's CoT KV to ``m`` entries per (layer, KV head), all layers at once."""
+    q, k, v = capture.stacked("queries"), capture.stacked("keys"), capture.stacked("values")
+    n_layers, b = k.shape[:2]
+
+    def fold(x: torch.Tensor) -> torch.Tensor:  # [L, B, ...] -> [L*B, ...]
+        return x.flatten(0, 1)
+
+    def rep(mask: torch.Tensor) -> torch.Tensor:  # [B, N] -> [L*B, N]
+        return mask[None].expand(n_layers, *mask.shape).flatten(0, 1)
+
+    scores = eviction.eviction_scores(
+        method, fold(q), fold(k), rep(batch.answer_mask), rep(batch.cot_mask), lam, generator
+    )
+    ck, cv, slot = eviction.compress(fold(k), fold(v), scores, rep(batch.cot_mask), m, order)
+    shape = (n_layers, b, *ck.shape[1:])
+    return CompressedKV(ck.view(shape), cv.view(shape), slot.view(shape[:-1]))
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor
+    terms: dict[str, float]  # float breakdown for logging
+    teacher: TeacherOutput | None = None
+    student: StudentOutput | None = None
+    compressed: CompressedKV | None = None
+
+
+class KavaModel(nn.Module):
+    """The training objective of ``cfg.method`` around a ``Backbone``."""
+
+    def __init__(self, backbone: Backbone, cfg: KavaConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(cfg.rkv.seed)
+
+    def forward(self, batch: Batch) -> LossOutput:
+        cfg = self.cfg
+        if not cfg.is_latent:  # cot / nocot: supervised fine-tuning on the teacher sequence
+            teacher = teacher_forward(self.backbone, batch.teacher, capture_kv=False, hidden=False)
+            ce = teacher.ce
+            return LossOutput(ce, {"loss": ce.item(), "teacher_ce": ce.item()}, teacher=teacher)
+
+        m, t = cfg.latent.num_latents, cfg.effective_iterations
+        alpha1, alpha2, w_teacher = cfg.alpha1, cfg.effective_alpha2, cfg.teacher.weight
+        # The teacher's graph is only needed for its own CE term.
+        grad_ctx = contextlib.nullcontext() if w_teacher > 0 else torch.no_grad()
+        with grad_ctx:
+            teacher = teacher_forward(
+                self.backbone, batch.teacher, capture_kv=alpha2 > 0, hidden=alpha1 > 0
+            )
+        student = student_forward(self.backbone, batch.student, m, t)
+
+        zero = student.ce.new_zeros(())
+        codi = (
+            losses.codi_loss(
+                student.hidden, teacher.hidden, cfg.codi_loss.type, cfg.codi_loss.layerwise_std
+            )
+            if alpha1 > 0
+            else zero
+        )
+        compressed, kv = None, zero
+        if alpha2 > 0:
+            r = cfg.rkv
+            compressed = compress_teacher_kv(
+                teacher.capture, batch.teacher, m, r.method, r.lam, r.order, self.generator
+            )
+            passes = student.state.iteration_kv[1:] or student.state.iteration_kv
+            if cfg.kv_loss.iterations == "last":
+                passes = passes[-1:]
+            kv = torch.stack(
+                [
+                    losses.kv_loss(
+                        *stack_kv(p),
+                        compressed.k,
+                        compressed.v,
+                        compressed.slot_mask,
+                        cfg.kv_loss.type,
+                        cfg.kv_loss.layerwise_std,
+                    )
+                    for p in passes
+                ]
+            ).mean()
+        total = student.ce + w_teacher * teacher.ce + alpha1 * codi + alpha2 * kv
+        terms = {
+            "loss": total.item(),
+            "student_ce": student.ce.item(),
+            "teacher_ce": teacher.ce.item(),
+            "codi": codi.item(),
+            "kv": kv.item(),
+        }
+        return LossOutput(total, terms, teacher, student, compressed)

@@ -1,0 +1,72 @@
+"""Shared fixtures: the SmolLM2 tokenizer (offline) and tiny random Llama / Qwen2 models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from kava.backbone import Backbone, load_tokenizer, resolve_model_source
+from kava.config import LoraConfig, ModelConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+EXAMPLES = [
+    (
+        "Mia has 7 apples. She buys 5 more apples. Then she gives 3 away. How many apples does Mia have?",
+        ["<<7+5=12>>", "<<12-3=9>>"],
+        "9",
+    ),
+    ("Tom has 3 cats.", ["<<3*2=6>>", "<<6+1=7>>", "<<7-1=6>>"], "6"),
+    (
+        "A box holds 12 pens and 4 more pencils than pens. Each pencil costs 2 dollars. "
+        "How much do the pencils cost in all?",
+        ["<<12+4=16>>", "<<16*2=32>>"],
+        "32",
+    ),
+    ("Sam reads 5 pages a day for 4 days.", ["<<5*4=20>>"], "20"),
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    source, _ = resolve_model_source(ModelConfig())
+    return load_tokenizer(source)
+
+
+def tiny_lm(arch: str, vocab: int, seed: int = 0, init_range: float = 0.02):
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        initializer_range=init_range,
+    )
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
+    if arch == "qwen2":  # untied, qkv bias, like Qwen2.5
+        return Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **common))
+    raise ValueError(arch)
+
+
+@pytest.fixture
+def make_backbone(tokenizer):
+    def make(arch="llama", dropout=0.0, use_projection=True, seed=0, lora=True, init_range=0.02):
+        # init_range ~0.3 lets frozen random embeddings express confident logits (overfitting)
+        lm = tiny_lm(arch, len(tokenizer), seed, init_range)
+        cfg = LoraConfig(enabled=lora, r=8, alpha=16, dropout=dropout)
+        bb = Backbone.from_model(lm, tokenizer, cfg, use_projection)
+        # LoRA B starts at zero; give it values so the adapters change the function
+        torch.manual_seed(seed + 1)
+        for n, p in bb.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+        return bb.eval()
+
+    return make

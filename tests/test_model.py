@@ -1,0 +1,238 @@
+"""Invariants of the teacher / student passes on tiny random GQA models (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import EXAMPLES
+from kava import losses
+from kava.batching import collate, collate_student, encode
+from kava.config import load_config
+from kava.inference import generate_latent
+from kava.model import KavaModel, stack_kv, student_forward, teacher_forward
+
+ATOL = 1e-5
+
+
+def encoded(bb, examples=EXAMPLES, drop_last=True):
+    return [encode(q, s, a, bb.tokenizer, bb.ids, drop_last_step=drop_last) for q, s, a in examples]
+
+
+def config(m=4, t=2, **over):
+    ov = [f"latent.num_latents={m}", f"latent.num_iterations={t}"]
+    ov += [f"{k}={v}" for k, v in over.items()]
+    return load_config(overrides=ov)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_padding_invariance(make_backbone, arch):
+    """A question alone and inside a left-padded batch with longer questions agree."""
+    bb = make_backbone(arch)
+    enc = encoded(bb)
+    lens = [len(e.question) for e in enc]
+    short = lens.index(min(lens))
+    assert sorted(lens)[1] > lens[short]  # every other row is longer: this row gets left pads
+    with torch.no_grad():
+        alone = student_forward(bb, collate_student([enc[short]], bb.ids), 4, 2)
+        batch = student_forward(bb, collate_student(enc, bb.ids), 4, 2)
+        t_alone = teacher_forward(bb, collate([enc[short]], bb.ids).teacher)
+        t_batch = teacher_forward(bb, collate(enc, bb.ids).teacher)
+    for x_alone, x_batch in zip(alone.state.inputs, batch.state.inputs):
+        torch.testing.assert_close(x_batch[short], x_alone[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(batch.nll_sum[short], alone.nll_sum[0], atol=ATOL, rtol=0)
+    assert batch.count[short] == alone.count[0]
+    torch.testing.assert_close(batch.hidden[:, short], alone.hidden[:, 0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(t_batch.nll_sum[short], t_alone.nll_sum[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(t_batch.hidden[:, short], t_alone.hidden[:, 0], atol=ATOL, rtol=0)
+    for l in range(bb.num_layers):
+        n = t_alone.capture.keys[l].shape[2]
+        torch.testing.assert_close(
+            t_batch.capture.keys[l][short, :, :n], t_alone.capture.keys[l][0], atol=ATOL, rtol=0
+        )
+    # generation: same tokens and passes alone and in the batch
+    sb, s1 = collate_student(enc, bb.ids), collate_student([enc[short]], bb.ids)
+    prompt = enc[0].prompt
+    g_batch = generate_latent(bb, sb.question_ids, sb.question_mask, prompt, 4, 2, max_new_tokens=6)
+    g_alone = generate_latent(bb, s1.question_ids, s1.question_mask, prompt, 4, 2, max_new_tokens=6)
+    assert g_batch.tokens[short] == g_alone.tokens[0]
+    assert g_batch.passes[short] == g_alone.passes[0]
+
+
+def sequential_reference(bb, e, m):
+    """CODI-style decoding, one latent at a time, full recompute with plain model calls."""
+    ids = e.question + [bb.ids.bot]
+    seq = bb.embed(torch.tensor([ids]))
+    latents = []
+    for _ in range(m):
+        h = bb.decoder(inputs_embeds=seq).last_hidden_state[:, -1:]
+        x = bb.prj(h)
+        latents.append(x[0, 0])
+        seq = torch.cat([seq, x], dim=1)
+    answer = [bb.ids.eot] + e.prompt + e.answer + [bb.ids.eos]
+    seq = torch.cat([seq, bb.embed(torch.tensor([answer]))], dim=1)
+    h = bb.decoder(inputs_embeds=seq).last_hidden_state[0, -len(answer) :]
+    return torch.stack(latents), bb.logits(h)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("t_extra", [0, 2])
+def test_jacobi_with_t_ge_m_is_sequential(make_backbone, arch, t_extra):
+    bb = make_backbone(arch)
+    enc = encoded(bb)
+    m = 3
+    with torch.no_grad():
+        out = student_forward(bb, collate_student(enc, bb.ids), m, m + t_extra)
+        for row, e in enumerate(enc):
+            want_latents, want_logits = sequential_reference(bb, e, m)
+            torch.testing.assert_close(out.state.inputs[-1][row], want_latents, atol=ATOL, rtol=0)
+            # answer-pass logits at the supervised positions, via the loss
+            labels = torch.tensor([[-100] + e.prompt + e.answer + [bb.ids.eos]])
+            s, c = losses.token_nll(want_logits[None], labels)
+            torch.testing.assert_close(out.nll_sum[row], s[0], atol=1e-4, rtol=1e-5)
+
+
+def test_jacobi_with_t_lt_m_differs_from_sequential(make_backbone):
+    """Guards the test above: with too few iterations the latents are not yet sequential."""
+    bb = make_backbone()
+    e = encoded(bb)[0]
+    with torch.no_grad():
+        out = student_forward(bb, collate_student([e], bb.ids), 4, 2)
+        want, _ = sequential_reference(bb, e, 4)
+    assert not torch.allclose(out.state.inputs[-1][0], want, atol=1e-3)
+
+
+def test_t0_is_pause_tokens(make_backbone):
+    bb = make_backbone("qwen2")
+    enc = encoded(bb)
+    m = 3
+    with torch.no_grad():
+        out = student_forward(bb, collate_student(enc, bb.ids), m, 0)
+        for row, e in enumerate(enc):
+            answer = [bb.ids.eot] + e.prompt + e.answer + [bb.ids.eos]
+            ids = e.question + [bb.ids.bot] + [bb.ids.latent] * m + answer
+            h = bb.decoder(inputs_embeds=bb.embed(torch.tensor([ids]))).last_hidden_state
+            labels = torch.tensor([[-100] * (len(ids) - len(answer) + 1) + answer[1:]])
+            s, _ = losses.token_nll(bb.logits(h), labels)
+            torch.testing.assert_close(out.nll_sum[row], s[0], atol=1e-4, rtol=1e-5)
+
+
+def test_selected_nll_equals_full_logits(make_backbone):
+    bb = make_backbone()
+    batch = collate(encoded(bb), bb.ids).teacher
+    with torch.no_grad():
+        t = teacher_forward(bb, batch, capture_kv=False, hidden=False)
+        pos = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        h = bb.decoder(
+            inputs_embeds=bb.embed(batch.input_ids),
+            attention_mask=batch.attention_mask,
+            position_ids=pos,
+        ).last_hidden_state
+        s, c = losses.token_nll(bb.logits(h), batch.labels)
+    torch.testing.assert_close(t.nll_sum, s, atol=1e-4, rtol=1e-5)
+    assert torch.equal(t.count, c)
+
+
+def test_gradients_reach_every_trainable_part(make_backbone):
+    bb = make_backbone()
+    model = KavaModel(bb, config(m=4, t=3))
+    out = model(collate(encoded(bb), bb.ids))
+    for x in out.student.state.inputs:
+        x.retain_grad()
+    out.total.backward()
+    assert len(out.student.state.inputs) == 3
+    for i, x in enumerate(out.student.state.inputs):
+        assert x.grad is not None and x.grad.abs().sum() > 0, (
+            f"no gradient through iteration {i + 1}"
+        )
+    lora = {n: p for n, p in bb.named_parameters() if "lora_B" in n}
+    assert len(lora) == 4 * bb.num_layers
+    for n, p in lora.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    for n, p in bb.prj.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    g = bb.new_token_embeddings.grad
+    for tok in (bb.ids.bot, bb.ids.eot, bb.ids.latent):
+        assert g[tok - bb.first_new_id].abs().sum() > 0
+    frozen = [n for n, p in bb.named_parameters() if not p.requires_grad]
+    assert any("embed_tokens" in n for n in frozen) and all(
+        p.grad is None for n, p in bb.named_parameters() if not p.requires_grad
+    )
+
+
+def distill_grads(bb, cfg, teacher_no_grad):
+    batch = collate(encoded(bb), bb.ids)
+    bb.zero_grad()
+    from kava.model import compress_teacher_kv
+
+    ctx = torch.no_grad() if teacher_no_grad else torch.enable_grad()
+    with ctx:
+        teacher = teacher_forward(bb, batch.teacher)
+    student = student_forward(bb, batch.student, cfg.latent.num_latents, cfg.latent.num_iterations)
+    comp = compress_teacher_kv(teacher.capture, batch.teacher, cfg.latent.num_latents)
+    loss = losses.codi_loss(student.hidden, teacher.hidden, "smooth_l1", True) + losses.kv_loss(
+        *stack_kv(student.state.latent_kv), comp.k, comp.v, comp.slot_mask, "smooth_l1", True
+    )
+    loss.backward()
+    return teacher, {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}
+
+
+def test_teacher_targets_carry_no_gradient(make_backbone):
+    bb = make_backbone()
+    cfg = config()
+    teacher, g_live = distill_grads(bb, cfg, teacher_no_grad=False)
+    assert not teacher.hidden.requires_grad
+    assert not any(t.requires_grad for t in teacher.capture.keys.values())
+    assert not any(t.requires_grad for t in teacher.capture.values.values())
+    _, g_frozen = distill_grads(bb, cfg, teacher_no_grad=True)
+    assert g_live.keys() == g_frozen.keys()
+    for n in g_live:
+        torch.testing.assert_close(g_live[n], g_frozen[n], atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", ["kava", "pccot", "codi", "cot", "nocot"])
+def test_overfit_few_examples(make_backbone, arch, method):
+    """~30 AdamW steps on 4 examples lower the total loss (every method, every loss term on)."""
+    bb = make_backbone(arch, dropout=0.1, init_range=0.3).train()
+    cfg = config(m=3, t=2, method=method)
+    model = KavaModel(bb, cfg)
+    drop = method != "cot"
+    ex = EXAMPLES if method != "nocot" else [(q, [], a) for q, _, a in EXAMPLES]
+    batch = collate(encoded(bb, ex, drop_last=drop), bb.ids)
+    opt = torch.optim.AdamW(bb.trainable_parameters(), lr=1e-2)
+    history = []
+    for _ in range(30):
+        out = model(batch)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        history.append(out.terms)
+    first, last = history[0], history[-1]
+    assert last["loss"] < 0.7 * first["loss"], (first, last)
+    assert last["teacher_ce"] < 0.85 * first["teacher_ce"], (first, last)
+    if cfg.is_latent:
+        assert last["student_ce"] < 0.85 * first["student_ce"], (first, last)
+    if method == "kava":
+        assert first["kv"] > 0 and first["codi"] > 0 and last["kv"] < first["kv"]
+    if method in ("pccot", "codi"):
+        assert first["kv"] == 0.0 and first["codi"] > 0
+
+
+@pytest.mark.parametrize("t", [0, 2])
+def test_forward_pass_count(make_backbone, t):
+    bb = make_backbone()
+    enc = encoded(bb)
+    calls = []
+    hook = bb.decoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for max_new in (1, 5):
+            for e in enc:
+                sb = collate_student([e], bb.ids)
+                calls.clear()
+                g = generate_latent(bb, sb.question_ids, sb.question_mask, e.prompt, 3, t, max_new)
+                n_answer = len(g.tokens[0])
+                assert 1 <= n_answer <= max_new
+                assert g.passes[0] == 1 + t + 1 + (n_answer - 1) == len(calls)
+    finally:
+        hook.remove()
