@@ -288,6 +288,8 @@ def validate(cfg: KavaConfig) -> None:
         "must be >= data.synthetic_min_steps",
     )
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+    _check(cfg.eval.cot_max_new_tokens >= 1, "eval.cot_max_new_tokens", "must be >= 1")
     _check(len(cfg.eval.datasets) > 0, "eval.datasets", "must not be empty")
 
 
@@ -320,15 +322,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
     return data
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file path, or the name of a packaged config (``demo``, ``llama1b-gsm8k-aug``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for candidate in (PACKAGED_CONFIGS / path.name, PACKAGED_CONFIGS / f"{path.name}.yaml"):
+        if candidate.is_file() and len(path.parts) == 1:
+            return candidate
+    known = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file {path} does not exist (packaged configs: {known})")
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> KavaConfig:
     """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = resolve_config_path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

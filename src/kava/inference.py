@@ -49,8 +49,8 @@ def greedy_decode(
     for step in range(max_new_tokens):
         next_ids = backbone.logits(last_hidden).argmax(-1)  # [B]
         next_ids = next_ids.masked_fill(done, pad)
-        for i, tok in enumerate(next_ids.tolist()):
-            if not done[i]:
+        for i, (tok, finished) in enumerate(zip(next_ids.tolist(), done.tolist())):  # one sync
+            if not finished:
                 out[i].append(tok)
         done = done | (next_ids == eos)
         if bool(done.all()) or step == max_new_tokens - 1:

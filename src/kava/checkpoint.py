@@ -1,0 +1,121 @@
+"""Checkpoints: what a trained kava model is, on disk.
+
+A checkpoint folder holds
+
+* ``config.yaml``            — the resolved KavaConfig (model id, LoRA, M, T, ...);
+* ``trainable.safetensors``  — every trainable tensor (LoRA, projection, new-token rows),
+  keyed by ``Backbone`` parameter names: the one file kava loads back;
+* ``adapter/``               — the LoRA adapter in peft format, for use outside kava;
+* ``tokenizer/``             — the tokenizer with kava's special tokens;
+* ``trainer_state.pt``       — optimizer, scheduler, RNG states and data position
+  (training checkpoints only; what ``--resume`` needs).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from kava.backbone import Backbone
+from kava.config import KavaConfig, load_config, save_config
+
+TRAINABLE = "trainable.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+
+
+def trainable_state(backbone: Backbone) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().cpu().contiguous() for n, p in backbone.named_parameters() if p.requires_grad
+    }
+
+
+def save_checkpoint(
+    path: str | Path,
+    backbone: Backbone,
+    cfg: KavaConfig,
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint folder atomically (to ``path.tmp``, then renamed)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(backbone), str(tmp / TRAINABLE))
+    if cfg.lora.enabled:
+        backbone.lm.save_pretrained(tmp / "adapter")
+    backbone.tokenizer.save_pretrained(tmp / "tokenizer")
+    save_config(cfg, tmp / "config.yaml")
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def load_trainable(backbone: Backbone, path: str | Path) -> None:
+    """Load ``trainable.safetensors`` into ``backbone``; every trainable tensor must be there."""
+    file = Path(path) / TRAINABLE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: not a kava checkpoint")
+    state = load_file(str(file))
+    expected = set(trainable_state(backbone))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"{file}: checkpoint does not match the model "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    params = dict(backbone.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def load_checkpoint(
+    path: str | Path, overrides: list[str] | None = None
+) -> tuple[Backbone, KavaConfig]:
+    """Rebuild the backbone of a checkpoint (base model from its config + trained tensors)."""
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"{path}/config.yaml not found: not a kava checkpoint")
+    cfg = load_config(path / "config.yaml", overrides)
+    backbone = Backbone.from_config(cfg.model, cfg.lora, cfg.latent.use_projection)
+    load_trainable(backbone, path)
+    return backbone, cfg
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest ``checkpoints/step-N`` folder with a trainer state, or None."""
+    folder = Path(run_dir) / "checkpoints"
+    steps = [
+        (int(p.name.split("-", 1)[1]), p)
+        for p in folder.glob("step-*")
+        if p.name.split("-", 1)[1].isdigit() and (p / TRAINER_STATE).is_file()
+    ]
+    return max(steps)[1] if steps else None

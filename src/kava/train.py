@@ -1,0 +1,296 @@
+"""Training loop (accelerate): one code path for a CPU process, one GPU, or DDP.
+
+``train(cfg)`` writes into ``cfg.train.output_dir``:
+
+* ``config.yaml``, ``log.jsonl`` (one line per optimizer step: loss terms, lr, tokens/s),
+  ``tb/`` (TensorBoard), ``data_stats.json`` (examples kept / skipped by the length filter);
+* ``checkpoints/step-N/`` every ``save_every`` steps and ``final/`` (see kava.checkpoint).
+
+``resume=True`` continues from the newest ``checkpoints/step-N``: trainable weights,
+optimizer, scheduler, RNG states and the position in the data order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from kava.backbone import Backbone
+from kava.batching import Encoded, collate, encode
+from kava.checkpoint import (
+    TRAINER_STATE,
+    latest_checkpoint,
+    load_trainable,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from kava.config import KavaConfig, save_config
+from kava.data import DataError, Example, load_examples
+from kava.model import KavaModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodedData:
+    items: list[Encoded]
+    total: int
+    skipped: dict[str, int]  # reason -> count (length filter)
+
+
+def encode_for_method(ex: Example, backbone: Backbone, cfg: KavaConfig) -> Encoded:
+    """The teacher sequence of each method: CoT trains on the full CoT, No-CoT on none."""
+    steps, drop = ex.steps, cfg.teacher.drop_last_step
+    if cfg.method == "cot":
+        drop = False
+    elif cfg.method == "nocot":
+        steps = ()
+    return encode(
+        ex.question, steps, ex.answer, backbone.tokenizer, backbone.ids, cfg.answer_prompt, drop
+    )
+
+
+def encode_examples(
+    examples: Sequence[Example], backbone: Backbone, cfg: KavaConfig
+) -> EncodedData:
+    """Tokenize and apply the length filter; skips are counted per reason, never silent."""
+    d = cfg.data
+    items, skipped = [], {"question": 0, "cot": 0, "answer": 0}
+    for ex in examples:
+        e = encode_for_method(ex, backbone, cfg)
+        if len(e.question) > d.max_question_tokens:
+            skipped["question"] += 1
+        elif len(e.cot) > d.max_cot_tokens:
+            skipped["cot"] += 1
+        elif len(e.answer) + 1 > d.max_answer_tokens:
+            skipped["answer"] += 1
+        else:
+            items.append(e)
+    if not items:
+        raise DataError(
+            f"the length filter removed all {len(examples)} examples ({skipped}); raise data.max_*_tokens"
+        )
+    return EncodedData(items, len(examples), skipped)
+
+
+def load_train_examples(cfg: KavaConfig) -> list[Example]:
+    d = cfg.data
+    return load_examples(
+        d.train,
+        split=d.train_split,
+        steps_format=d.steps_format,
+        limit=d.limit,
+        seed=cfg.train.seed,
+        synthetic_size=d.synthetic_train_size,
+        synthetic_steps=(d.synthetic_min_steps, d.synthetic_max_steps),
+    )
+
+
+def batch_tokens(batch, cfg: KavaConfig) -> int:
+    """Tokens processed by every pass actually run (for tokens/s)."""
+    n = int(batch.teacher.attention_mask.sum())
+    if cfg.is_latent:
+        s = batch.student
+        b, m = s.question_ids.shape[0], cfg.latent.num_latents
+        n += (
+            int(s.question_mask.sum())
+            + b * m * (1 + cfg.effective_iterations)
+            + int(s.answer_mask.sum())
+        )
+    return n
+
+
+def _mixed_precision(cfg: KavaConfig) -> str:
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return mp
+
+
+def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train ``cfg`` and return the path of the final checkpoint."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import get_cosine_schedule_with_warmup
+
+    t = cfg.train
+    run_dir = Path(t.output_dir)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg))
+    world = accelerator.num_processes
+    accum = max(1, t.global_batch_size // (t.micro_batch_size * world))
+    if accum * t.micro_batch_size * world != t.global_batch_size:
+        log.warning(
+            "global batch %d is not micro-batch %d x processes %d x accumulation; using %d",
+            t.global_batch_size,
+            t.micro_batch_size,
+            world,
+            accum * t.micro_batch_size * world,
+        )
+    set_seed(t.seed)
+
+    backbone = Backbone.from_config(cfg.model, cfg.lora, cfg.latent.use_projection)
+    if not cfg.is_latent:  # no latents: the projection and new-token rows get no gradient
+        backbone.prj.requires_grad_(False)
+    model = KavaModel(backbone, cfg)
+    data = encode_examples(load_train_examples(cfg), backbone, cfg)
+    n_skipped = sum(data.skipped.values())
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        stats = {"examples": data.total, "kept": len(data.items), "skipped": data.skipped}
+        (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+        msg = f"training on {len(data.items)} of {data.total} examples"
+        if n_skipped:
+            msg += f"; skipped {n_skipped} longer than the limits: {data.skipped}"
+        accelerator.print(msg)
+
+    optimizer = torch.optim.AdamW(
+        backbone.trainable_parameters(),
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        fused=accelerator.device.type == "cuda",
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    collate_fn = partial(collate, ids=backbone.ids)
+
+    def loader(epoch: int) -> DataLoader:
+        g = torch.Generator().manual_seed(t.seed + epoch)
+        dl = DataLoader(
+            data.items,
+            batch_size=t.micro_batch_size,
+            shuffle=True,
+            generator=g,
+            collate_fn=collate_fn,
+            num_workers=t.num_workers,
+            drop_last=False,
+        )
+        return accelerator.prepare_data_loader(dl)
+
+    batches_per_epoch = len(loader(0))
+    steps_per_epoch = max(1, batches_per_epoch // accum)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(t.warmup_ratio * total_steps), total_steps
+    )
+
+    step = 0
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"--resume: no checkpoints/step-N with a trainer state in {run_dir}"
+            )
+        load_trainable(backbone, ckpt)
+        state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        accelerator.unwrap_model(model).generator.set_state(state["eviction_rng"])
+        step = state["step"]
+        accelerator.print(f"resumed from {ckpt} at step {step}")
+
+    writer = SummaryWriter(str(run_dir / "tb")) if accelerator.is_main_process else None
+    log_file = (run_dir / "log.jsonl").open("a") if accelerator.is_main_process else None
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not (progress and accelerator.is_main_process),
+        desc="train",
+    )
+
+    def checkpoint(path: Path, with_state: bool) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = None
+            if with_state:
+                state = {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(),
+                    "eviction_rng": accelerator.unwrap_model(model).generator.get_state(),
+                }
+            save_checkpoint(path, backbone, cfg, state)
+
+    model.train()
+    sums: dict[str, float] = {}
+    n_micro, tokens, t0 = 0, 0, time.perf_counter()
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        dl = loader(epoch)
+        skip = done_in_epoch * accum
+        if skip:
+            dl = accelerator.skip_first_batches(dl, skip)
+        for i, batch in enumerate(dl, start=skip):
+            last_of_epoch = i == steps_per_epoch * accum - 1
+            if i >= steps_per_epoch * accum:
+                break  # leftover micro-batches that do not fill an optimizer step
+            sync = (i + 1) % accum == 0 or last_of_epoch
+            ctx = accelerator.no_sync(model) if not sync else torch.enable_grad()
+            with ctx:
+                out = model(batch)
+                accelerator.backward(out.total / accum)
+            for k, v in out.terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_micro += 1
+            tokens += batch_tokens(batch, cfg)
+            if not sync:
+                continue
+            grad_norm = None
+            if t.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(
+                    backbone.trainable_parameters(), t.grad_clip
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % t.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - t0
+                rec = {k: v / n_micro for k, v in sums.items()}
+                rec.update(
+                    step=step,
+                    epoch=round(step / steps_per_epoch, 4),
+                    lr=scheduler.get_last_lr()[0],
+                    tokens_per_s=tokens * world / max(elapsed, 1e-9),
+                    grad_norm=float(grad_norm) if grad_norm is not None else None,
+                )
+                if accelerator.is_main_process:
+                    log_file.write(json.dumps(rec) + "\n")
+                    log_file.flush()
+                    for k, v in rec.items():
+                        if isinstance(v, float) and k != "epoch":
+                            writer.add_scalar(f"train/{k}", v, step)
+                bar.set_postfix(
+                    {
+                        k: f"{rec[k]:.3g}"
+                        for k in ("loss", "student_ce", "teacher_ce", "codi", "kv")
+                        if k in rec
+                    }
+                )
+                sums, n_micro, tokens, t0 = {}, 0, 0, time.perf_counter()
+            bar.update(1)
+            if t.save_every and step % t.save_every == 0 and step < total_steps:
+                checkpoint(run_dir / "checkpoints" / f"step-{step}", with_state=True)
+            if step >= total_steps:
+                break
+    bar.close()
+    final = run_dir / "final"
+    checkpoint(final, with_state=True)
+    if accelerator.is_main_process:
+        writer.close()
+        log_file.close()
+    accelerator.print(f"saved {final}")
+    return final
