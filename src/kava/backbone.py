@@ -38,6 +38,12 @@ class SpecialIds:
     bos: int | None  # prepended to the question when the tokenizer normally adds one
 
 
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return DTYPES[name]
+
+
 class Projection(nn.Module):
     """``prj``: Linear(D, D) -> GELU -> Linear(D, D) -> LayerNorm(D). ``[..., D] -> [..., D]``."""
 
@@ -143,6 +149,8 @@ class Backbone(nn.Module):
         self.lm_head = self.lm.get_output_embeddings()
         cfg = self.lm.config.get_text_config(decoder=True)
         self.num_layers = cfg.num_hidden_layers
+        # Logit columns that can be predicted: from_model cuts the rows it padded to 64.
+        self.vocab_size = self.lm_head.weight.shape[0]
         self.hidden_size = dim
 
     # --- building ----------------------------------------------------------------------
@@ -153,7 +161,7 @@ class Backbone(nn.Module):
         source, gguf = resolve_model_source(model_cfg)
         tok = load_tokenizer(source, gguf)
         lm = AutoModelForCausalLM.from_pretrained(
-            source, gguf_file=gguf, dtype=DTYPES[model_cfg.dtype], attn_implementation="sdpa"
+            source, gguf_file=gguf, dtype=resolve_dtype(model_cfg.dtype), attn_implementation="sdpa"
         )
         return cls.from_model(lm, tok, lora_cfg, use_projection)
 
@@ -168,7 +176,8 @@ class Backbone(nn.Module):
         """Wrap an already-loaded causal LM. ``tokenizer`` must come from ``load_tokenizer``."""
         vocab = lm.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > vocab:  # Qwen2 already has spare rows; never shrink
-            lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            # a multiple of 64 keeps the lm_head matmul on fast tile sizes
+            lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
         lm.set_attn_implementation(ATTN_IMPLEMENTATION)
         lm.requires_grad_(False)
         if lora_cfg.enabled:
@@ -183,15 +192,15 @@ class Backbone(nn.Module):
                 task_type="CAUSAL_LM",
             )
             lm = get_peft_model(lm, peft_cfg)
-        return cls(lm, tokenizer, use_projection)
+        backbone = cls(lm, tokenizer, use_projection)
+        backbone.vocab_size = max(vocab, len(tokenizer))  # keep a model's own spare rows (Qwen2)
+        return backbone
 
     # --- running -----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, S]`` token ids -> ``[B, S, D]``, new tokens from ``new_token_embeddings``."""
         base = self.lm.get_input_embeddings()(input_ids)
-        is_new = input_ids >= self.first_new_id
-        if not bool(is_new.any()):
-            return base
+        is_new = input_ids >= self.first_new_id  # no `if is_new.any()`: that syncs the GPU
         rows = self.new_token_embeddings.to(base.dtype)[(input_ids - self.first_new_id).clamp(0, 3)]
         return torch.where(is_new[..., None], rows, base)
 
@@ -223,8 +232,13 @@ class Backbone(nn.Module):
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., D]`` final hidden states -> ``[..., V]`` float32 logits."""
-        return self.lm_head(hidden).float()
+        """``[..., D]`` final hidden states -> ``[..., V]`` float32 logits over real tokens.
+
+        Rows added only to pad the embedding matrix to a multiple of 64 are cut off, so
+        they can never be predicted.
+        """
+        out = self.lm_head(hidden)
+        return out[..., : self.vocab_size].float()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

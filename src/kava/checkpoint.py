@@ -46,7 +46,8 @@ def save_checkpoint(
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(trainable_state(backbone), str(tmp / TRAINABLE))
     if cfg.lora.enabled:
-        backbone.lm.save_pretrained(tmp / "adapter")
+        # new-token rows live in trainable.safetensors; no copy of the whole embedding matrix
+        backbone.lm.save_pretrained(tmp / "adapter", save_embedding_layers=False)
     backbone.tokenizer.save_pretrained(tmp / "tokenizer")
     save_config(cfg, tmp / "config.yaml")
     if trainer_state is not None:

@@ -30,8 +30,9 @@ class ModelConfig:
     name_or_path: str = "smollm2"
     # GGUF file name inside name_or_path (transformers' gguf_file=); converted once and cached.
     gguf_file: str | None = None
-    # Weights dtype for loading: float32 keeps fp32 master weights (autocast does bf16 compute).
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Frozen base weights: "auto" = bfloat16 on CUDA (no per-pass weight casts under
+    # autocast), float32 on CPU. Trainable tensors (LoRA, projection, new rows) are fp32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 @dataclass

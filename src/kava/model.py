@@ -183,6 +183,13 @@ def compress_teacher_kv(
     """Evict the teacher's CoT KV to ``m`` entries per (layer, KV head), all layers at once."""
     q, k, v = capture.stacked("queries"), capture.stacked("keys"), capture.stacked("values")
     n_layers, b = k.shape[:2]
+    # Scores in fp32 even inside a bf16 autocast region (einsum would otherwise run in bf16).
+    with torch.autocast(k.device.type, enabled=False):
+        return _compress(q, k, v, batch, m, method, lam, order, generator)
+
+
+def _compress(q, k, v, batch, m, method, lam, order, generator) -> CompressedKV:
+    n_layers, b = k.shape[:2]
 
     def fold(x: torch.Tensor) -> torch.Tensor:  # [L, B, ...] -> [L*B, ...]
         return x.flatten(0, 1)
@@ -201,10 +208,15 @@ def compress_teacher_kv(
 @dataclass
 class LossOutput:
     total: torch.Tensor
-    terms: dict[str, float]  # float breakdown for logging
+    metrics: dict[str, torch.Tensor]  # detached 0-dim loss terms (no host sync until read)
     teacher: TeacherOutput | None = None
     student: StudentOutput | None = None
     compressed: CompressedKV | None = None
+
+    @property
+    def terms(self) -> dict[str, float]:
+        """The loss breakdown as floats (one device sync)."""
+        return dict(zip(self.metrics, torch.stack(list(self.metrics.values())).tolist()))
 
 
 class KavaModel(nn.Module):
@@ -221,7 +233,7 @@ class KavaModel(nn.Module):
         if not cfg.is_latent:  # cot / nocot: supervised fine-tuning on the teacher sequence
             teacher = teacher_forward(self.backbone, batch.teacher, capture_kv=False, hidden=False)
             ce = teacher.ce
-            return LossOutput(ce, {"loss": ce.item(), "teacher_ce": ce.item()}, teacher=teacher)
+            return LossOutput(ce, {"loss": ce.detach(), "teacher_ce": ce.detach()}, teacher=teacher)
 
         m, t = cfg.latent.num_latents, cfg.effective_iterations
         alpha1, alpha2, w_teacher = cfg.alpha1, cfg.effective_alpha2, cfg.teacher.weight
@@ -265,10 +277,12 @@ class KavaModel(nn.Module):
             ).mean()
         total = student.ce + w_teacher * teacher.ce + alpha1 * codi + alpha2 * kv
         terms = {
-            "loss": total.item(),
-            "student_ce": student.ce.item(),
-            "teacher_ce": teacher.ce.item(),
-            "codi": codi.item(),
-            "kv": kv.item(),
+            "loss": total,
+            "student_ce": student.ce,
+            "teacher_ce": teacher.ce,
+            "codi": codi,
+            "kv": kv,
         }
-        return LossOutput(total, terms, teacher, student, compressed)
+        return LossOutput(
+            total, {k: v.detach().float() for k, v in terms.items()}, teacher, student, compressed
+        )

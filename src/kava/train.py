@@ -225,7 +225,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             save_checkpoint(path, backbone, cfg, state)
 
     model.train()
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     n_micro, tokens, t0 = 0, 0, time.perf_counter()
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
@@ -242,8 +242,9 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             with ctx:
                 out = model(batch)
                 accelerator.backward(out.total / accum)
-            for k, v in out.terms.items():
-                sums[k] = sums.get(k, 0.0) + v
+            for k, v in out.metrics.items():
+                sums[k] = sums[k] + v if k in sums else v
+            del out  # teacher capture, latent KV, compressed KV: free before the next forward
             n_micro += 1
             tokens += batch_tokens(batch, cfg)
             if not sync:
@@ -259,7 +260,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             step += 1
             if step % t.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t0
-                rec = {k: v / n_micro for k, v in sums.items()}
+                rec = dict(zip(sums, (torch.stack(list(sums.values())) / n_micro).tolist()))
                 rec.update(
                     step=step,
                     epoch=round(step / steps_per_epoch, 4),

@@ -1,0 +1,1007 @@
+"""Benchmark kava training and inference speed on a real architecture with random weights.
+
+What it measures (see benchmarks/README.md for how to run it):
+
+1. Training throughput of ``kava.model.KavaModel`` (KaVa, M=24, T=3, LoRA r=128/alpha 32
+   on q/k/v/o, projection on) on synthetic batches with realistic lengths, built with
+   ``kava.batching.Encoded`` + ``kava.batching.collate``: examples/s, tokens/s, step time
+   (median after warm-up, synchronised), peak memory, MFU; then a separate instrumented
+   run that times the phases (teacher forward, eviction, student latent passes, answer
+   pass + losses, backward, optimizer) with a synchronize between them.
+2. Latent inference (``kava.inference.generate_latent``) against explicit-CoT greedy
+   generation (``kava.inference.generate_text``) forced to a fixed number of tokens, on
+   GSM8k-test-sized synthetic questions, at several batch sizes.
+3. A correctness pre-check first: one small batch's loss in fp32 and under bf16 autocast
+   must agree within bf16 tolerance, and the instrumented forward must reproduce
+   ``KavaModel.forward`` exactly.
+
+No network is used: models are built from configs with random weights, and the tokenizer
+is a word-level ``tokenizers`` tokenizer built in-process with the real vocabulary size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kava.attention import positions_from_mask
+from kava.backbone import BOT, EOT, LATENT, PAD, Backbone
+from kava.batching import Batch, Encoded, collate, pad_rows
+from kava.config import KavaConfig, load_config
+from kava.inference import generate_latent, generate_text
+from kava.model import (
+    KavaModel,
+    compress_teacher_kv,
+    latent_passes,
+    stack_kv,
+    teacher_forward,
+)
+
+PEAK_TFLOPS_H100 = 780.0  # measured bf16 matmul ceiling on the lent H100 (shared/DEVICE.md)
+PROMPT_LEN = 4  # " The answer is:" is 4 tokens in the Llama-3 / SmolLM2 / Qwen2 tokenizers
+MFU_FORMULA = (
+    "MFU = 4 * (N_nonemb + N_lm_head) * tokens_per_step / step_time_s / (peak_tflops * 1e12); "
+    "N_nonemb = base-LM parameters without the input embedding and lm_head (LoRA and "
+    "projection excluded), N_lm_head = vocab * hidden (counted whether tied or not); "
+    "4 = 2 (forward) + 2 (backward wrt activations; the base weights are frozen); "
+    "tokens_per_step = real (non-pad) tokens of every pass run: teacher sequence + "
+    "pass 0 (question + <bot> + M) + T * M + answer pass (<eot> + prompt + answer + eos); "
+    "attention score FLOPs are not counted"
+)
+
+# --- architectures --------------------------------------------------------------------
+# tok_vocab: size of the real tokenizer before kava adds its 4 tokens (Backbone.from_model
+# resizes the embeddings only when the tokenizer outgrows them, e.g. not for Qwen2).
+
+
+def _arch(hf, family, vocab, tok_vocab, hidden, layers, heads, kv_heads, head_dim, ffn, **kw):
+    names = ("hf", "family", "vocab", "tok_vocab", "hidden", "layers", "heads", "kv_heads")
+    values = (hf, family, vocab, tok_vocab, hidden, layers, heads, kv_heads)
+    base = dict(zip(names, values), head_dim=head_dim, ffn=ffn, tied=True, bos=True)
+    return {**base, "rms_eps": 1e-5, "rope_theta": 500000.0, **kw}
+
+
+# All tied. Qwen2 gets q/k/v biases from its HF class; the tokenizer of Qwen2.5 (151,665)
+# is smaller than its embedding (151,936), so kava adds its tokens without a resize.
+# fmt: off
+ARCHS: dict[str, dict[str, Any]] = {
+    # _arch(HF shape, family, vocab, tokenizer vocab, hidden, layers, heads, KV heads, head_dim, FFN)
+    "llama-1b": _arch("meta-llama/Llama-3.2-1B-Instruct", "llama", 128256, 128256, 2048, 16, 32, 8, 64, 8192),
+    "llama-3b": _arch("meta-llama/Llama-3.2-3B-Instruct", "llama", 128256, 128256, 3072, 28, 24, 8, 128, 8192),
+    "qwen-0.5b": _arch("Qwen/Qwen2.5-0.5B-Instruct", "qwen2", 151936, 151665, 896, 24, 14, 2, 64, 4864,
+                       bos=False, rms_eps=1e-6, rope_theta=1e6),
+    "smollm2-135m": _arch("HuggingFaceTB/SmolLM2-135M-Instruct", "llama", 49152, 49152, 576, 30, 9, 3, 64, 1536,
+                          bos=False, rope_theta=1e5),
+    "tiny": _arch(None, "llama", 512, 512, 64, 2, 4, 2, 16, 128, rope_theta=1e4),
+}
+# fmt: on
+
+# Defaults that --quick replaces (any of them given explicitly on the command line wins).
+FULL_DEFAULTS = dict(
+    global_batch=128,
+    steps=5,
+    warmup=2,
+    phase_steps=2,
+    infer_questions=1319,
+    infer_batches="64,256",
+    cot_tokens="40,120",
+)
+QUICK_DEFAULTS = dict(
+    global_batch=4,
+    steps=2,
+    warmup=1,
+    phase_steps=1,
+    infer_questions=6,
+    infer_batches="4",
+    cot_tokens="4,8",
+)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --- tokenizer and model ----------------------------------------------------------------
+
+
+def build_tokenizer(arch: dict[str, Any]):
+    """Offline word-level tokenizer with ``arch['tok_vocab']`` entries, + kava's 4 tokens.
+
+    ids 0/1/2 = <unk>/<bos>/<eos>, then the digits, then filler words. Llama-style archs
+    prepend <bos> (so kava's ``special_ids`` finds a bos, as with the real Llama-3 one).
+    The new tokens are added exactly as ``kava.backbone.load_tokenizer`` adds them.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    size = arch["tok_vocab"]
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2}
+    for d in range(10):
+        vocab[str(d)] = len(vocab)
+    for i in range(len(vocab), size):
+        vocab[f"w{i}"] = i
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if arch["bos"]:
+        tk.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 1)]
+        )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": [BOT, EOT, LATENT], "pad_token": PAD})
+    return tok
+
+
+def build_lm(arch: dict[str, Any], device: torch.device, seed: int):
+    """A randomly initialised causal LM of the architecture, built directly on ``device``, fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(
+        vocab_size=arch["vocab"],
+        hidden_size=arch["hidden"],
+        num_hidden_layers=arch["layers"],
+        num_attention_heads=arch["heads"],
+        num_key_value_heads=arch["kv_heads"],
+        head_dim=arch["head_dim"],
+        intermediate_size=arch["ffn"],
+        tie_word_embeddings=arch["tied"],
+        rms_norm_eps=arch["rms_eps"],
+        rope_theta=arch["rope_theta"],
+        max_position_embeddings=32768,
+        initializer_range=0.02,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+    if arch["family"] == "llama":
+        cls, cfg = LlamaForCausalLM, LlamaConfig(**common)
+    else:  # qwen2: q/k/v biases are built in
+        cls, cfg = Qwen2ForCausalLM, Qwen2Config(use_sliding_window=False, **common)
+    torch.manual_seed(seed)
+    with device:
+        lm = cls(cfg)
+    return lm.float()
+
+
+def param_counts(backbone: Backbone) -> dict[str, int]:
+    lm = backbone.lm
+    base = {id(p): p for n, p in lm.named_parameters() if "lora_" not in n}
+    emb = lm.get_input_embeddings().weight
+    head = lm.get_output_embeddings().weight
+    tied = head is emb
+    total = sum(p.numel() for p in base.values())
+    non_emb = total - emb.numel() - (0 if tied else head.numel())
+    lora = sum(p.numel() for n, p in lm.named_parameters() if "lora_" in n)
+    return dict(
+        base_total=total,
+        non_embedding=non_emb,
+        embedding=emb.numel(),
+        lm_head=head.numel(),
+        tied=tied,
+        lora=lora,
+        projection=sum(p.numel() for p in backbone.prj.parameters()),
+        trainable=sum(p.numel() for p in backbone.trainable_parameters()),
+        vocab_rows=emb.shape[0],
+    )
+
+
+def cast_frozen_(backbone: Backbone, dtype: torch.dtype) -> None:
+    """Frozen base weights to ``dtype``; LoRA, new-token rows and projection stay fp32.
+
+    Same result as building with ``ModelConfig.dtype=bfloat16`` (peft keeps adapters fp32).
+    """
+    for p in backbone.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+# --- synthetic data -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Lengths:
+    question: int
+    cot: int
+    jitter: float
+
+    def draw(self, rng: random.Random, mean: int) -> int:
+        lo = max(1, round(mean * (1 - self.jitter)))
+        hi = max(lo, round(mean * (1 + self.jitter)))
+        return rng.randint(lo, hi)
+
+
+class Synth:
+    """Random-token examples in kava's ``Encoded`` form, with realistic lengths."""
+
+    def __init__(self, backbone: Backbone, lengths: Lengths, seed: int):
+        self.ids = backbone.ids
+        self.lengths = lengths
+        self.rng = random.Random(seed)
+        self.lo = 13  # after <unk>, <bos>, <eos> and the digits
+        self.hi = backbone.first_new_id - 1
+        self.prompt = self.tokens(PROMPT_LEN)
+
+    def tokens(self, n: int) -> list[int]:
+        return [self.rng.randint(self.lo, self.hi) for _ in range(n)]
+
+    def question(self, n: int) -> list[int]:
+        bos = [self.ids.bos] if self.ids.bos is not None else []
+        return bos + self.tokens(n - len(bos))
+
+    def example(self) -> Encoded:
+        ln = self.lengths
+        return Encoded(
+            question=self.question(ln.draw(self.rng, ln.question)),
+            cot=self.tokens(ln.draw(self.rng, ln.cot)),
+            prompt=self.prompt,
+            answer=self.tokens(self.rng.randint(2, 4)),  # + eos: span of ~8 with the prompt
+        )
+
+    def batch(self, n: int) -> Batch:
+        return collate([self.example() for _ in range(n)], self.ids)
+
+
+def count_tokens(batch: Batch, m: int, t: int) -> dict[str, int]:
+    """Tokens processed per pass of one micro-batch, real (non-pad) and padded."""
+    tb, sb = batch.teacher, batch.student
+    b = tb.input_ids.shape[0]
+    real = dict(
+        teacher=int(tb.attention_mask.sum()),
+        pass0=int(sb.question_mask.sum()) + b * m,
+        iterations=b * m * t,
+        answer=int(sb.answer_mask.sum()),
+    )
+    padded = dict(
+        teacher=tb.input_ids.numel(),
+        pass0=sb.question_ids.numel() + b * m,
+        iterations=b * m * t,
+        answer=sb.answer_ids.numel(),
+    )
+    return {
+        **{f"{k}_real": v for k, v in real.items()},
+        **{f"{k}_padded": v for k, v in padded.items()},
+        "real": sum(real.values()),
+        "padded": sum(padded.values()),
+    }
+
+
+# --- timing helpers ---------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Accumulates wall time between ``tick`` calls, synchronising the device each time."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: dict[str, float] = {}
+        self.last = 0.0
+
+    def start(self) -> None:
+        sync(self.device)
+        self.last = time.perf_counter()
+
+    def tick(self, name: str) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+class _NoTimer:
+    def tick(self, name: str) -> None:
+        pass
+
+
+def instrumented_forward(model: KavaModel, batch: Batch, timer=None):
+    """``KavaModel.forward`` for the latent methods, cut into timed phases.
+
+    Calls the same kava.model pieces as ``KavaModel.forward`` / ``student_forward``; the
+    answer-pass half of ``student_forward`` is inlined so that it is timed apart from the
+    latent passes, and the eviction (no_grad, a function of the teacher pass only) runs
+    right after the teacher. Same loss (checked by ``precheck``). Returns ``(total, terms)``.
+    """
+    from kava import losses
+    from kava.model import selected_nll
+
+    timer = timer or _NoTimer()
+    cfg, bb = model.cfg, model.backbone
+    m, t = cfg.latent.num_latents, cfg.effective_iterations
+    alpha1, alpha2, w_teacher = cfg.alpha1, cfg.effective_alpha2, cfg.teacher.weight
+    grad_ctx = contextlib.nullcontext() if w_teacher > 0 else torch.no_grad()
+    with grad_ctx:
+        teacher = teacher_forward(bb, batch.teacher, capture_kv=alpha2 > 0, hidden=alpha1 > 0)
+    timer.tick("teacher_forward")
+    compressed = None
+    if alpha2 > 0:
+        r = cfg.rkv
+        compressed = compress_teacher_kv(
+            teacher.capture, batch.teacher, m, r.method, r.lam, r.order, model.generator
+        )
+    timer.tick("eviction")
+    sb = batch.student
+    state = latent_passes(bb, sb.question_ids, sb.question_mask, m, t)
+    timer.tick("student_latent_passes")
+    # -- the rest of student_forward: the answer pass
+    key_mask = torch.cat([state.key_mask, sb.answer_mask], dim=1)
+    s_a = sb.answer_ids.shape[1]
+    out = bb(
+        bb.embed(sb.answer_ids),
+        key_mask,
+        positions_from_mask(key_mask, s_a),
+        cache=state.answer_cache(),
+        output_hidden_states=True,
+    )
+    nll_sum, count = selected_nll(bb, out.last_hidden_state, sb.answer_labels)
+    hidden = torch.stack([h[:, sb.distill_index] for h in out.hidden_states[1:]])
+    student_ce = losses.mean_ce(nll_sum, count)
+    # -- losses, as KavaModel.forward
+    zero = student_ce.new_zeros(())
+    codi = (
+        losses.codi_loss(hidden, teacher.hidden, cfg.codi_loss.type, cfg.codi_loss.layerwise_std)
+        if alpha1 > 0
+        else zero
+    )
+    kv = zero
+    if alpha2 > 0:
+        passes = state.iteration_kv[1:] or state.iteration_kv
+        if cfg.kv_loss.iterations == "last":
+            passes = passes[-1:]
+        kv = torch.stack(
+            [
+                losses.kv_loss(
+                    *stack_kv(p),
+                    compressed.k,
+                    compressed.v,
+                    compressed.slot_mask,
+                    cfg.kv_loss.type,
+                    cfg.kv_loss.layerwise_std,
+                )
+                for p in passes
+            ]
+        ).mean()
+    total = student_ce + w_teacher * teacher.ce + alpha1 * codi + alpha2 * kv
+    terms = {
+        "loss": total.item(),
+        "student_ce": student_ce.item(),
+        "teacher_ce": teacher.ce.item(),
+        "codi": codi.item(),
+        "kv": kv.item(),
+    }
+    timer.tick("answer_pass_and_losses")
+    return total, terms
+
+
+def amp_context(device: torch.device, amp: bool):
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# --- the benchmark sections -------------------------------------------------------------
+
+
+def precheck(model: KavaModel, synth: Synth, device, tol: float) -> dict[str, Any]:
+    """Same small batch: fp32 loss vs bf16-autocast loss; instrumented == KavaModel.forward.
+
+    Run on the fp32-weight model, dropout off (eval mode), before any training step.
+    """
+    model.eval()
+    batch = synth.batch(4).to(device)
+    with torch.no_grad():
+        out32 = model(batch)
+        inst_total, _ = instrumented_forward(model, batch)
+        with amp_context(device, True):
+            out16 = model(batch)
+    f32, b16 = out32.terms, out16.terms
+    rel = abs(b16["loss"] - f32["loss"]) / max(abs(f32["loss"]), 1e-12)
+    inst_ok = math.isclose(inst_total.item(), f32["loss"], rel_tol=1e-5, abs_tol=1e-6)
+    finite = all(math.isfinite(v) for v in (*f32.values(), *b16.values()))
+    res = dict(
+        loss_fp32=f32["loss"],
+        loss_bf16_autocast=b16["loss"],
+        rel_diff=rel,
+        tolerance=tol,
+        terms_fp32=f32,
+        terms_bf16_autocast=b16,
+        instrumented_loss=inst_total.item(),
+        instrumented_matches=inst_ok,
+        ok=bool(rel <= tol and inst_ok and finite),
+    )
+    log(
+        f"precheck: loss fp32 {f32['loss']:.6f} | bf16 autocast {b16['loss']:.6f} | "
+        f"rel diff {rel:.2e} (tol {tol:.0e}) | instrumented {inst_total.item():.6f} "
+        f"-> {'OK' if res['ok'] else 'FAIL'}"
+    )
+    for k in f32:
+        log(f"  {k:>11}: fp32 {f32[k]:.6f}  bf16 {b16[k]:.6f}")
+    model.train()
+    return res
+
+
+def make_optimizer(params, cfg: KavaConfig, device):
+    """As kava.train: AdamW over the trainable parameters, fused on CUDA."""
+    return torch.optim.AdamW(
+        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=device.type == "cuda"
+    )
+
+
+def bench_train(model: KavaModel, synth: Synth, args, device, counts: dict) -> dict[str, Any]:
+    cfg = model.cfg
+    m, t = cfg.latent.num_latents, cfg.effective_iterations
+    accum = args.global_batch // args.micro_batch
+    params = model.backbone.trainable_parameters()
+    opt = make_optimizer(params, cfg, device)
+    clip = cfg.train.grad_clip
+
+    def new_step() -> tuple[list[Batch], list[dict[str, int]]]:
+        cpu = [synth.batch(args.micro_batch) for _ in range(accum)]
+        return [b.to(device) for b in cpu], [count_tokens(b, m, t) for b in cpu]
+
+    def step(micro: list[Batch], timer: PhaseTimer | None = None) -> dict[str, float]:
+        terms: dict[str, float] = {}
+        for mb in micro:
+            with amp_context(device, args.amp):
+                if timer is None:
+                    out = model(mb)
+                    total, terms = out.total, out.terms
+                    del out
+                else:
+                    total, terms = instrumented_forward(model, mb, timer)
+            (total / accum).backward()
+            del total
+            if timer is not None:
+                timer.tick("backward")
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if timer is not None:
+            timer.tick("optimizer")
+        return terms
+
+    model.train()
+    n_steps = args.warmup + args.steps
+    built = [new_step() for _ in range(n_steps + args.phase_steps)]
+    batches, tok = [b for b, _ in built], [c for _, c in built]
+    log(
+        f"train: global batch {args.global_batch} = micro {args.micro_batch} x {accum}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps + {args.phase_steps} instrumented"
+    )
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses_seen = [], []
+    for i, micro in enumerate(batches[:n_steps]):
+        sync(device)
+        t0 = time.perf_counter()
+        terms = step(micro)
+        sync(device)
+        dt = time.perf_counter() - t0
+        losses_seen.append(terms["loss"])
+        if i >= args.warmup:
+            times.append(dt)
+        log(
+            f"  step {i:>2} {'(warm-up)' if i < args.warmup else '':<9} {dt:8.3f} s  loss {terms['loss']:.4f}"
+        )
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+    # token counts of the timed steps (mean per step)
+    timed = tok[args.warmup : n_steps]
+    keys = timed[0][0].keys()
+    per_step = {k: statistics.mean(sum(c[k] for c in s) for s in timed) for k in keys}
+    med = statistics.median(times)
+    flops_per_token = 4 * (counts["non_embedding"] + counts["lm_head"])
+    tflops = flops_per_token * per_step["real"] / med / 1e12
+
+    # instrumented run: phases
+    phase_runs = []
+    for micro in batches[n_steps:]:
+        timer = PhaseTimer(device)
+        timer.start()
+        terms = step(micro, timer)
+        losses_seen.append(terms["loss"])
+        phase_runs.append(timer.times)
+    phase_names = [
+        "teacher_forward",
+        "eviction",
+        "student_latent_passes",
+        "answer_pass_and_losses",
+        "backward",
+        "optimizer",
+    ]
+    phases_ms = {k: 1e3 * statistics.median(r.get(k, 0.0) for r in phase_runs) for k in phase_names}
+    phase_sum = sum(phases_ms.values())
+    model.zero_grad(set_to_none=True)
+    return dict(
+        examples_per_s=args.global_batch / med,
+        tokens_per_s=per_step["real"] / med,
+        padded_tokens_per_s=per_step["padded"] / med,
+        step_time_s=med,
+        step_times_s=times,
+        tokens_per_step=per_step["real"],
+        padded_tokens_per_step=per_step["padded"],
+        tokens_per_step_by_pass={k: v for k, v in per_step.items() if k not in ("real", "padded")},
+        peak_mem_gib=peak,
+        achieved_tflops=tflops,
+        mfu=tflops / args.peak_tflops,
+        mfu_formula=MFU_FORMULA,
+        flops_per_token=flops_per_token,
+        peak_tflops=args.peak_tflops,
+        losses=losses_seen,
+        losses_finite=all(math.isfinite(x) for x in losses_seen),
+        phases_ms=phases_ms,
+        phase_fraction={k: v / phase_sum for k, v in phases_ms.items()},
+        phase_sum_ms=phase_sum,
+        phase_note="separate instrumented steps (same kava.model calls as KavaModel.forward) "
+        "with a device synchronize after each phase; the sum exceeds step_time_s by the "
+        "CPU/GPU overlap the synchronizes remove",
+        instrumented_step_ms=[1e3 * sum(r.values()) for r in phase_runs],
+    )
+
+
+def bench_inference(model: KavaModel, synth: Synth, args, device, report: dict, save) -> None:
+    """Latent generation vs fixed-length greedy CoT on the same questions.
+
+    Fills ``report`` in place and calls ``save()`` after every run, so that a run cut
+    short by a time limit keeps the rows it finished.
+    """
+    bb, cfg = model.backbone, model.cfg
+    m, t = cfg.latent.num_latents, cfg.effective_iterations
+    rng = random.Random(args.seed + 1)
+    questions = [synth.question(rng.randint(40, 80)) for _ in range(args.infer_questions)]
+    questions.sort(key=len, reverse=True)  # as kava.evaluate batches: longest first
+    prompt = synth.prompt
+    model.eval()
+    merged = False
+    if args.merge_lora and hasattr(bb.lm, "merge_adapter"):
+        bb.lm.merge_adapter()
+        merged = True
+    calls = [0]
+    hook = bb.decoder.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    # Random weights would stop a row only by chance; make eos impossible so every question
+    # generates exactly the requested number of tokens (the id -1 is never produced).
+    real_ids = bb.ids
+    bb.ids = dataclasses.replace(real_ids, eos=-1)
+
+    def run(mode: str, n_tokens: int, bs: int, qs: list[list[int]]):
+        passes, gen_tokens, weighted_calls = [], [], 0
+        for i in range(0, len(qs), bs):
+            chunk = qs[i : i + bs]
+            before = calls[0]
+            with amp_context(device, args.amp):
+                if mode == "latent":
+                    rows = [q + [real_ids.bot] for q in chunk]
+                    qids = pad_rows(rows, real_ids.pad, left=True).to(device)
+                    qmask = pad_rows([[1] * len(r) for r in rows], 0, left=True).bool().to(device)
+                    g = generate_latent(bb, qids, qmask, prompt, m, t, max_new_tokens=n_tokens)
+                else:
+                    g = generate_text(bb, chunk, max_new_tokens=n_tokens)
+            weighted_calls += (calls[0] - before) * len(chunk)
+            passes += g.passes
+            gen_tokens += [len(x) for x in g.tokens]
+        return passes, gen_tokens, weighted_calls
+
+    modes = [("latent", args.latent_answer_tokens)] + [("cot", n) for n in args.cot_tokens]
+    runs: list[dict[str, Any]] = []
+    speedup: dict[str, float] = {}
+    report.update(
+        questions=len(questions),
+        question_len_range=[40, 80],
+        order="sorted by length, longest first (as kava.evaluate)",
+        latent_answer_tokens=args.latent_answer_tokens,
+        eos_disabled=True,
+        lora_merged=merged,
+        runs=runs,
+        latent_speedup=speedup,
+    )
+    try:
+        # warm-up: every mode once on a small batch
+        for mode, n in modes:
+            run(mode, min(n, 4), min(args.infer_batches), questions[: min(args.infer_batches)])
+        for bs in args.infer_batches:
+            for mode, n in modes:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                sync(device)
+                t0 = time.perf_counter()
+                passes, gen, wcalls = run(mode, n, bs, questions)
+                sync(device)
+                dt = time.perf_counter() - t0
+                row = dict(
+                    mode=mode,
+                    new_tokens=n,
+                    batch=bs,
+                    questions=len(questions),
+                    time_s=dt,
+                    questions_per_s=len(questions) / dt,
+                    passes_per_question=statistics.mean(passes),
+                    passes_per_question_hooked=wcalls / len(questions),
+                    generated_tokens_per_question=statistics.mean(gen),
+                    peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30
+                    if device.type == "cuda"
+                    else None,
+                )
+                runs.append(row)
+                lat = next((r for r in runs if r["batch"] == bs and r["mode"] == "latent"), None)
+                if mode == "cot" and lat is not None:
+                    speedup[f"batch{bs}_vs_cot{n}"] = (
+                        lat["questions_per_s"] / row["questions_per_s"]
+                    )
+                save()
+                log(
+                    f"  infer {mode:<6} new={n:<4} batch={bs:<4} {row['questions_per_s']:9.1f} q/s"
+                    f"  {row['passes_per_question']:.1f} passes/q  {dt:7.2f} s"
+                )
+    finally:
+        bb.ids = real_ids
+        hook.remove()
+        if merged:
+            bb.lm.unmerge_adapter()
+
+
+# --- reporting --------------------------------------------------------------------------
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    env: dict[str, Any] = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        host=platform.node(),
+        device=device.type,
+    )
+    for name in ("peft", "accelerate", "tokenizers"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - optional package
+            env[name] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            gpu=torch.cuda.get_device_name(device),
+            gpu_memory_gib=props.total_memory / 2**30,
+            cuda=torch.version.cuda,
+        )
+    else:
+        env.update(
+            gpu=None,
+            cpu=platform.processor() or platform.machine(),
+            threads=torch.get_num_threads(),
+        )
+    return env
+
+
+def table(res: dict[str, Any]) -> str:
+    s, env = res["settings"], res["environment"]
+    lines = [
+        "",
+        f"== kava benchmark: {res['arch']['name']} on {env.get('gpu') or 'CPU'} | "
+        f"{s['precision']} | M={s['M']} T={s['T']} | lengths q~{s['question_len']} "
+        f"cot~{s['cot_len']} ==",
+    ]
+    pc = res.get("precheck")
+    if pc:
+        lines.append(
+            f"precheck   loss fp32 {pc['loss_fp32']:.5f}  bf16 {pc['loss_bf16_autocast']:.5f}  "
+            f"rel {pc['rel_diff']:.1e}  instrumented==model {pc['instrumented_matches']}  "
+            f"-> {'OK' if pc['ok'] else 'FAIL'}"
+        )
+    tr = res.get("train")
+    if tr and "error" in tr:
+        lines.append(f"train      {tr['error']}")
+    elif tr:
+        peak = f"{tr['peak_mem_gib']:.1f} GiB" if tr["peak_mem_gib"] is not None else "n/a"
+        lines += [
+            f"train      batch {s['global_batch']} = {s['micro_batch']} x {s['accumulation']} | "
+            f"step {tr['step_time_s'] * 1e3:.1f} ms | {tr['examples_per_s']:.1f} ex/s | "
+            f"{tr['tokens_per_s']:,.0f} tok/s ({tr['padded_tokens_per_s']:,.0f} padded) | "
+            f"peak {peak} | {tr['achieved_tflops']:.3g} TFLOP/s = MFU {100 * tr['mfu']:.3g}%",
+            f"MFU        = 4 x (N_nonemb {res['arch']['params']['non_embedding'] / 1e6:.1f}M + "
+            f"N_lm_head {res['arch']['params']['lm_head'] / 1e6:.1f}M) x real tokens/s / "
+            f"{tr['peak_tflops']:g}e12 (see train.mfu_formula)",
+            "phases ms  "
+            + " | ".join(f"{k} {v:.1f}" for k, v in tr["phases_ms"].items())
+            + f" | sum {tr['phase_sum_ms']:.1f}",
+        ]
+    inf = res.get("inference")
+    if inf:
+        lines.append(
+            f"inference  {inf['questions']} questions (40-80 tokens), eos disabled, "
+            f"latent answer = {inf['latent_answer_tokens']} tokens"
+        )
+        lines.append(f"  {'mode':<7}{'new':>5}{'batch':>7}{'q/s':>10}{'passes/q':>10}{'time s':>9}")
+        for r in inf["runs"]:
+            lines.append(
+                f"  {r['mode']:<7}{r['new_tokens']:>5}{r['batch']:>7}{r['questions_per_s']:>10.1f}"
+                f"{r['passes_per_question']:>10.1f}{r['time_s']:>9.2f}"
+            )
+        lines.append(
+            "  latent speed-up: "
+            + ", ".join(f"{k} x{v:.1f}" for k, v in inf["latent_speedup"].items())
+        )
+    return "\n".join(lines)
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=(
+            "Benchmark kava: KaVa training throughput (examples/s, tokens/s, step time, "
+            "per-phase split, peak memory, MFU) and latent vs explicit-CoT inference speed, "
+            "on a named architecture with random weights (no network needed). Writes a "
+            "JSON with every number and prints a short table last."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--arch", choices=sorted(ARCHS), default="llama-1b", help="architecture")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes for CPU smoke tests")
+    g = p.add_argument_group("training")
+    g.add_argument("--global-batch", type=int, help="examples per optimizer step (128; quick 4)")
+    g.add_argument(
+        "--micro-batch", type=int, help="examples per forward (32 on cuda, 8 on cpu, quick 2)"
+    )
+    g.add_argument("--steps", type=int, help="timed optimizer steps (5; quick 2)")
+    g.add_argument("--warmup", type=int, help="untimed warm-up steps (2; quick 1)")
+    g.add_argument(
+        "--phase-steps", type=int, help="extra instrumented steps for the phase split (2; quick 1)"
+    )
+    g.add_argument("--nl", action="store_true", help="natural-language CoT (~120 tokens, not ~40)")
+    g.add_argument("--question-len", type=int, default=50, help="mean question tokens (incl. bos)")
+    g.add_argument("--cot-len", type=int, help="mean CoT tokens (40, or 120 with --nl)")
+    g.add_argument("--jitter", type=float, default=0.25, help="uniform +-fraction on lengths")
+    g.add_argument(
+        "--weights",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="frozen base weights: fp32 (kava's default ModelConfig.dtype, fp32 master "
+        "weights) or bf16 (ModelConfig.dtype=bfloat16); LoRA, projection and new-token "
+        "rows are fp32 either way",
+    )
+    g.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "off"],
+        default="auto",
+        help="autocast: auto = bf16 on cuda, off on cpu (kava's train.mixed_precision=auto)",
+    )
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="kava config override (dotted key, e.g. kv_loss.iterations=all); repeatable",
+    )
+    g.add_argument(
+        "--lora-no-input-cast",
+        action="store_true",
+        help="experimental: stop peft casting LoRA inputs to fp32 under autocast",
+    )
+    g.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS_H100, help="MFU denominator")
+    g = p.add_argument_group("inference")
+    g.add_argument("--infer-questions", type=int, help="questions (1319 = GSM8k test; quick 6)")
+    g.add_argument("--infer-batches", help="comma-separated batch sizes (64,256; quick 4)")
+    g.add_argument(
+        "--cot-tokens", help="comma-separated CoT lengths generated exactly (40,120; quick 4,8)"
+    )
+    g.add_argument(
+        "--latent-answer-tokens",
+        type=int,
+        default=3,
+        help="answer tokens generated after the latents (eos disabled): passes = 1 + T + this",
+    )
+    g.add_argument(
+        "--merge-lora", action="store_true", help="merge LoRA into the base for inference"
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--skip-train", action="store_true")
+    g.add_argument("--skip-inference", action="store_true")
+    g.add_argument("--skip-precheck", action="store_true")
+    g.add_argument("--precheck-tol", type=float, default=2e-2, help="relative loss tolerance")
+    g.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's own; quick on cpu: 1, which avoids "
+        "OpenMP spin-wait slow-downs on a busy machine)",
+    )
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", type=Path, help="write all numbers here as JSON")
+    args = p.parse_args(argv)
+
+    defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.micro_batch is None:
+        args.micro_batch = 2 if args.quick else (32 if args.device == "cuda" else 8)
+    args.micro_batch = min(args.micro_batch, args.global_batch)
+    if args.global_batch % args.micro_batch:
+        p.error(
+            f"--global-batch {args.global_batch} is not a multiple of --micro-batch {args.micro_batch}"
+        )
+    if args.threads is None and args.quick and args.device == "cpu":
+        args.threads = 1
+    if args.cot_len is None:
+        args.cot_len = 120 if args.nl else 40
+    args.infer_batches = [int(x) for x in str(args.infer_batches).split(",") if x]
+    args.cot_tokens = [int(x) for x in str(args.cot_tokens).split(",") if x]
+    args.amp = args.amp == "bf16" or (args.amp == "auto" and args.device == "cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.weights == "bf16" and not args.amp:
+        p.error("--weights bf16 needs bf16 autocast (--amp bf16, or --amp auto on cuda)")
+    if args.steps < 1 or args.phase_steps < 1:
+        p.error("--steps and --phase-steps must be >= 1")
+    return args
+
+
+def kava_config(args) -> KavaConfig:
+    overrides = [
+        "method=kava",
+        "latent.num_latents=24",
+        "latent.num_iterations=3",
+        "latent.use_projection=true",
+        "lora.enabled=true",
+        "lora.r=128",
+        "lora.alpha=32",
+        "lora.dropout=0.1",
+        f"train.global_batch_size={args.global_batch}",
+        f"train.micro_batch_size={args.micro_batch}",
+        f"model.dtype={'float32' if args.weights == 'fp32' else 'bfloat16'}",
+        *args.set,
+    ]
+    cfg = load_config(overrides=overrides)
+    if not cfg.is_latent:
+        raise SystemExit(f"method {cfg.method!r}: this benchmark times the latent methods only")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cli = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(cli)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args, cli)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, cli: list[str]) -> dict[str, Any]:
+    device = torch.device(args.device)
+    cfg = kava_config(args)
+    arch = ARCHS[args.arch]
+    env = environment(device)
+    log(
+        f"kava bench: {args.arch} on {env.get('gpu') or 'CPU'} | torch {env['torch']} | "
+        f"transformers {env['transformers']} | peft {env['peft']}"
+    )
+    results: dict[str, Any] = dict(
+        command=" ".join(["python benchmarks/bench_kava.py", *cli]),
+        argv=cli,
+        environment=env,
+    )
+
+    def save() -> None:
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2, default=str))
+
+    t0 = time.perf_counter()
+    tok = build_tokenizer(arch)
+    lm = build_lm(arch, device, args.seed)
+    backbone = Backbone.from_model(lm, tok, cfg.lora, cfg.latent.use_projection).to(device)
+    if args.lora_no_input_cast:
+        for mod in backbone.modules():
+            if hasattr(mod, "lora_A"):
+                mod.cast_input_dtype_enabled = False
+    model = KavaModel(backbone, cfg)
+    counts = param_counts(backbone)
+    log(
+        f"built in {time.perf_counter() - t0:.1f} s: {counts['base_total'] / 1e6:.1f}M base params "
+        f"({counts['non_embedding'] / 1e6:.1f}M non-embedding), {counts['trainable'] / 1e6:.1f}M trainable"
+    )
+    lengths = Lengths(args.question_len, args.cot_len, args.jitter)
+    synth = Synth(backbone, lengths, args.seed)
+    precision = (
+        f"{'bf16 autocast' if args.amp else 'no autocast (fp32)'}, frozen base weights "
+        f"{args.weights}, trainable (LoRA, projection, new-token rows) fp32"
+    )
+    results.update(
+        arch=dict(name=args.arch, hf_shape_of=arch["hf"], **arch, params=counts),
+        settings=dict(
+            method=cfg.method,
+            M=cfg.latent.num_latents,
+            T=cfg.effective_iterations,
+            lora=dataclasses.asdict(cfg.lora),
+            use_projection=cfg.latent.use_projection,
+            alpha1=cfg.alpha1,
+            alpha2=cfg.effective_alpha2,
+            kv_loss=dataclasses.asdict(cfg.kv_loss),
+            rkv=dataclasses.asdict(cfg.rkv),
+            precision=precision,
+            weights=args.weights,
+            autocast_bf16=args.amp,
+            global_batch=args.global_batch,
+            micro_batch=args.micro_batch,
+            accumulation=args.global_batch // args.micro_batch,
+            optimizer=f"AdamW lr {cfg.train.lr} wd {cfg.train.weight_decay}"
+            + (" fused" if device.type == "cuda" else "")
+            + f", grad clip {cfg.train.grad_clip}",
+            train_step="as kava.train: per micro-batch KavaModel(batch) under bf16 autocast, "
+            "(loss / accumulation).backward(); then clip, optimizer step, zero_grad "
+            "(torch.autocast directly instead of accelerate's wrapper; no LR scheduler)",
+            question_len=args.question_len,
+            cot_len=args.cot_len,
+            answer_span="prompt 4 + answer 2-4 + eos (teacher); + <eot> (student)",
+            jitter=args.jitter,
+            nl=args.nl,
+            data="random token ids, collated by kava.batching.collate; batches built and "
+            "moved to the device before timing",
+            lora_input_cast=not args.lora_no_input_cast,
+            overrides=args.set,
+        ),
+    )
+    log(f"precision: {precision}")
+    if not args.skip_precheck:
+        results["precheck"] = precheck(model, synth, device, args.precheck_tol)
+        save()
+    if args.weights == "bf16":
+        cast_frozen_(backbone, torch.bfloat16)
+    dtypes: dict[str, int] = {}
+    for p in backbone.parameters():
+        key = f"{'trainable' if p.requires_grad else 'frozen'} {str(p.dtype).replace('torch.', '')}"
+        dtypes[key] = dtypes.get(key, 0) + p.numel()
+    results["settings"]["param_dtypes"] = dtypes
+    log(f"parameters by dtype: {dtypes}")
+    if not args.skip_train:
+        try:
+            results["train"] = bench_train(model, synth, args, device, counts)
+        except torch.OutOfMemoryError as e:  # keep going: the inference numbers still count
+            results["train"] = dict(error=f"out of memory: {e}".splitlines()[0])
+            log(f"train: {results['train']['error']} (try a smaller --micro-batch)")
+            model.zero_grad(set_to_none=True)
+        save()
+    if not args.skip_inference:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        log("inference:")
+        results["inference"] = {}
+        bench_inference(model, synth, args, device, results["inference"], save)
+        save()
+    results["wall_s"] = time.perf_counter() - t0
+    save()
+    log(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Where the time goes: torch.profiler over one KaVa training micro-step and one latent
+generation batch, on a random-weight architecture (same builders as bench_kava.py).
+
+    python benchmarks/profile_kava.py --arch llama-1b --device cuda --micro-batch 64
+
+Prints the top operators by device time and by host (CPU) time, and the ratio of
+device-busy time to wall time (low = launch / Python overhead bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_kava as bk  # noqa: E402
+
+from kava.backbone import Backbone  # noqa: E402
+from kava.batching import pad_rows  # noqa: E402
+from kava.inference import generate_latent, generate_text  # noqa: E402
+from kava.model import KavaModel  # noqa: E402
+
+
+def busy_ms(prof, device) -> float:
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return sum(getattr(e, attr) for e in prof.key_averages()) / 1e3
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--arch", default="llama-1b", choices=sorted(bk.ARCHS))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--infer-batch", type=int, default=64)
+    p.add_argument("--rows", type=int, default=18, help="operators to print per table")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    weights = "bf16" if device.type == "cuda" else "fp32"
+    bargs = bk.parse_args(["--arch", args.arch, "--device", args.device, "--weights", weights])
+    cfg = bk.kava_config(bargs)
+    arch = bk.ARCHS[args.arch]
+    bb = Backbone.from_model(bk.build_lm(arch, device, 0), bk.build_tokenizer(arch), cfg.lora).to(
+        device
+    )
+    if device.type == "cuda":
+        bk.cast_frozen_(bb, torch.bfloat16)
+    model = KavaModel(bb, cfg).train()
+    synth = bk.Synth(bb, bk.Lengths(50, 40, 0.25), 0)
+    batch = synth.batch(args.micro_batch).to(device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def train_step():
+        with amp:
+            out = model(batch)
+        out.total.backward()
+        bb.zero_grad(set_to_none=True)
+
+    questions = [synth.question(60) + [bb.ids.bot] for _ in range(args.infer_batch)]
+    qids = pad_rows(questions, bb.ids.pad, left=True).to(device)
+    qmask = qids != bb.ids.pad
+    bb.ids = bk.dataclasses.replace(bb.ids, eos=-1)
+
+    def latent():
+        with amp, torch.no_grad():
+            generate_latent(bb, qids, qmask, synth.prompt, 24, 3, max_new_tokens=3)
+
+    def cot():
+        with amp, torch.no_grad():
+            generate_text(bb, [q[:-1] for q in questions], max_new_tokens=7)
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, fn in (
+        ("train micro-step", train_step),
+        ("latent generation (7 passes)", latent),
+        ("cot generation (7 passes)", cot),
+    ):
+        fn(), fn()  # warm-up
+        bk.sync(device)
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            fn()
+            bk.sync(device)
+            wall = (time.perf_counter() - t0) * 1e3
+        busy = busy_ms(prof, device)
+        print(
+            f"\n=== {name}: wall {wall:.1f} ms, device busy {busy:.1f} ms ({100 * busy / wall:.0f}%) ==="
+        )
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(
+            prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60)
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Smoke test of benchmarks/bench_kava.py: tiny model, CPU, --quick, run in-process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kava.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_kava", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_quick_cpu_run_writes_complete_json(bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--arch", "tiny", "--device", "cpu", "--quick", "--steps", "2", "--out", str(out)]
+    res = bench.main(argv)
+    data = json.loads(out.read_text())
+    assert data["argv"] == argv and "bench_kava.py" in data["command"]
+    for key in ("command", "environment", "arch", "settings", "precheck", "train", "inference"):
+        assert key in data, key
+    env = data["environment"]
+    assert env["torch"] and env["transformers"] and env["date"]
+
+    s = data["settings"]
+    assert (s["method"], s["M"], s["T"]) == ("kava", 24, 3)
+    assert s["lora"]["r"] == 128 and s["lora"]["alpha"] == 32
+    assert s["global_batch"] == s["micro_batch"] * s["accumulation"]
+
+    pc = data["precheck"]
+    assert pc["ok"] and pc["instrumented_matches"]
+    assert positive(pc["loss_fp32"]) and positive(pc["loss_bf16_autocast"])
+
+    tr = data["train"]
+    for key in (
+        "examples_per_s",
+        "tokens_per_s",
+        "padded_tokens_per_s",
+        "step_time_s",
+        "tokens_per_step",
+        "achieved_tflops",
+        "mfu",
+        "phase_sum_ms",
+    ):
+        assert positive(tr[key]), key
+    assert len(tr["step_times_s"]) == 2 and tr["losses_finite"]
+    assert "MFU = 4 * (N_nonemb + N_lm_head)" in tr["mfu_formula"]
+    assert set(tr["phases_ms"]) == {
+        "teacher_forward",
+        "eviction",
+        "student_latent_passes",
+        "answer_pass_and_losses",
+        "backward",
+        "optimizer",
+    }
+    assert all(positive(v) for v in tr["phases_ms"].values())
+    by_pass = tr["tokens_per_step_by_pass"]
+    # pass 0 holds question + <bot> + M; every Jacobi iteration M tokens per example
+    assert by_pass["iterations_real"] == s["global_batch"] * 24 * 3
+    assert tr["tokens_per_step"] == sum(
+        by_pass[f"{k}_real"] for k in ("teacher", "pass0", "iterations", "answer")
+    )
+
+    inf = data["inference"]
+    modes = {(r["mode"], r["new_tokens"]) for r in inf["runs"]}
+    assert modes == {("latent", 3), ("cot", 4), ("cot", 8)}
+    for r in inf["runs"]:
+        assert positive(r["questions_per_s"]) and positive(r["time_s"])
+        # eos is disabled: exactly the requested tokens, and kava's pass count matches a hook
+        assert r["generated_tokens_per_question"] == r["new_tokens"]
+        want = 1 + 3 + r["new_tokens"] if r["mode"] == "latent" else r["new_tokens"]
+        assert r["passes_per_question"] == want == r["passes_per_question_hooked"]
+    lat = next(r for r in inf["runs"] if r["mode"] == "latent")
+    for r in inf["runs"]:
+        if r["mode"] == "cot":
+            ratio = inf["latent_speedup"][f"batch4_vs_cot{r['new_tokens']}"]
+            assert ratio == pytest.approx(lat["questions_per_s"] / r["questions_per_s"])
+    assert res["train"]["step_time_s"] == tr["step_time_s"]
+    assert "kava benchmark: tiny" in capsys.readouterr().out  # the table is printed
+
+
+def test_bad_batch_split_is_rejected(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(
+            ["--arch", "tiny", "--device", "cpu", "--global-batch", "6", "--micro-batch", "4"]
+        )
+
+
+def test_bf16_frozen_weights_train_only(bench, tmp_path):
+    argv = ["--arch", "tiny", "--device", "cpu", "--quick", "--weights", "bf16", "--amp", "bf16"]
+    res = bench.main([*argv, "--skip-inference", "--steps", "1", "--out", str(tmp_path / "b.json")])
+    assert set(res["settings"]["param_dtypes"]) == {"frozen bfloat16", "trainable float32"}
+    assert res["precheck"]["ok"] and positive(res["train"]["examples_per_s"])
+    assert "inference" not in res
