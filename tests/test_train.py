@@ -126,3 +126,15 @@ def test_length_filter_counts_skips(tmp_path, tiny_model_dir, capsys):
     assert stats["skipped"]["question"] > 0
     assert stats["kept"] + sum(stats["skipped"].values()) == 24
     assert f"skipped {stats['skipped']['question']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["cot", "nocot"])
+def test_baseline_checkpoints_reload_and_evaluate(tmp_path, tiny_model_dir, method):
+    """cot / nocot train without the projection; their checkpoints must load back."""
+    cfg = write_config(tmp_path, tiny_model_dir, method=method, train={"max_steps": 1})
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    final = tmp_path / "run" / "final"
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(final), "--out", str(out), "--limit", "2", "--no-progress"]) == 0
+    metrics = json.loads((out / "synthetic" / "metrics.json").read_text())
+    assert metrics["method"] == method and metrics["n"] == 2

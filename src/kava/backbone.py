@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
 from kava.attention import ATTN_IMPLEMENTATION, causal_padding_mask
-from kava.config import LoraConfig, ModelConfig
+from kava.config import KavaConfig, LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,19 @@ class Backbone(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def build_backbone(cfg: KavaConfig) -> Backbone:
+    """The backbone of ``cfg`` with its method's trainable set.
+
+    Training and checkpoint loading both build through here, so a checkpoint always
+    holds exactly the tensors a fresh backbone of its config trains: the methods
+    without latents (cot, nocot) never use ``prj``, so it is frozen for them.
+    """
+    backbone = Backbone.from_config(cfg.model, cfg.lora, cfg.latent.use_projection)
+    if not cfg.is_latent:
+        backbone.prj.requires_grad_(False)
+    return backbone
 
 
 def cache_from_kv(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:

@@ -21,11 +21,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from kava.backbone import Backbone
+from kava.backbone import Backbone, build_backbone
 from kava.config import KavaConfig, load_config, save_config
 
 TRAINABLE = "trainable.safetensors"
 TRAINER_STATE = "trainer_state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing a file or does not match its config."""
 
 
 def trainable_state(backbone: Backbone) -> dict[str, torch.Tensor]:
@@ -69,7 +73,7 @@ def load_trainable(backbone: Backbone, path: str | Path) -> None:
     expected = set(trainable_state(backbone))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"{file}: checkpoint does not match the model "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
@@ -87,7 +91,7 @@ def load_checkpoint(
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{path}/config.yaml not found: not a kava checkpoint")
     cfg = load_config(path / "config.yaml", overrides)
-    backbone = Backbone.from_config(cfg.model, cfg.lora, cfg.latent.use_projection)
+    backbone = build_backbone(cfg)
     load_trainable(backbone, path)
     return backbone, cfg
 

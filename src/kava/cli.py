@@ -106,6 +106,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run folder")
     _add_overrides(p)
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser(
+        "experiment",
+        help="train and evaluate a grid of runs (methods x seeds x overrides) from a spec",
+        description="Run every (method, grid values, seed) of an experiment spec (YAML; see "
+        "experiments/ and kava/experiments.py): each run is trained into "
+        "<output_dir>/runs/<name>/ and evaluated on the spec's datasets. Complete runs "
+        "(DONE.json) are skipped, so an interrupted or extended grid re-runs only what is "
+        "missing. Several GPUs: one process per GPU, e.g. "
+        "CUDA_VISIBLE_DEVICES=1 kava experiment SPEC --shard 1/4. Then: kava report <output_dir>.",
+    )
+    p.add_argument("spec", help="experiment spec YAML (e.g. experiments/offline-smoke.yaml)")
+    p.add_argument("--output-dir", help="experiment folder (default: the spec's output_dir)")
+    p.add_argument("--shard", help="I/N: run only the runs whose index is I modulo N (0 <= I < N)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their status")
+    _add_overrides(p)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser(
+        "report",
+        help="tables (Markdown, CSV) and plots of an experiment folder",
+        description="Aggregate the complete runs of an experiment folder: mean +- sample std over "
+        "seeds per method/variant and dataset (accuracy, forward passes) as report/results.md "
+        "and results.csv, plus accuracy_vs_passes.png, loss_curves.png and eviction.png.",
+    )
+    p.add_argument("experiment_dir", help="the experiment's output_dir")
+    p.add_argument("--out", help="output folder (default <experiment_dir>/report)")
+    p.add_argument(
+        "--no-eviction-plot",
+        action="store_true",
+        help="skip eviction.png (it loads the first KaVa run's model)",
+    )
+    p.add_argument(
+        "--sample", type=int, default=0, help="which multi-step question to draw (default 0)"
+    )
+
+    p = sub.add_parser(
+        "inspect",
+        help="show what each latent decodes to, and which CoT tokens the eviction keeps",
+        description="For one question: the latent passes of a checkpoint, each latent's "
+        "last-layer hidden state decoded through lm_head (top-k tokens, as CODI's probe) and "
+        "its input's nearest vocabulary embeddings; the answer and forward passes. With --cot, "
+        "also the teacher pass and the CoT tokens the eviction keeps per layer.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. runs/x/final)")
+    p.add_argument("question")
+    p.add_argument(
+        "--cot",
+        help='the written CoT, e.g. "<<7+5=12>> <<12-3=9>>" (annotations or sentences are steps)',
+    )
+    p.add_argument(
+        "--answer", help="gold answer for the teacher pass (default: the last number of --cot)"
+    )
+    p.add_argument("--top-k", type=int, default=5, help="tokens shown per latent (default 5)")
+    p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    _add_overrides(p)
     return parser
 
 
@@ -127,43 +183,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def load_eval_examples(name: str, cfg, limit: int | None):
-    from kava.data import load_examples
-
-    limit = limit if limit is not None else cfg.eval.limit
-    # held-out synthetic problems: a different seed from the training set
-    return load_examples(
-        name,
-        split="test",
-        steps_format=cfg.data.steps_format,
-        limit=limit,
-        seed=cfg.train.seed + 1_000_003,
-        synthetic_size=limit or 200,
-        synthetic_steps=(cfg.data.synthetic_min_steps, cfg.data.synthetic_max_steps),
-    )
-
-
-def run_eval(
-    backbone, cfg, datasets, out: Path, limit=None, batch_size=None, progress=True
-) -> list[dict]:
-    from kava.evaluate import evaluate
-
-    results = []
-    for name in datasets:
-        examples = load_eval_examples(name, cfg, limit)
-        m = evaluate(
-            backbone,
-            cfg,
-            examples,
-            batch_size=batch_size or cfg.eval.batch_size,
-            out_dir=out / name.replace("/", "_"),
-            name=name,
-            progress=progress,
-        )
-        results.append(m)
-    return results
-
-
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """Print ``rows`` as a Markdown table; ``columns`` = (key, header, format)."""
     print("| " + " | ".join(h for _, h, _ in columns) + " |")
@@ -183,16 +202,17 @@ EVAL_COLUMNS = [
 
 
 def cmd_eval(args) -> int:
-    from kava.backbone import Backbone
+    from kava.backbone import build_backbone
     from kava.checkpoint import load_checkpoint
     from kava.config import load_config
+    from kava.evaluate import run_eval
 
     if args.checkpoint:
         backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
         out = Path(args.out or Path(args.checkpoint) / "eval")
     else:
         cfg = load_config(args.config, args.overrides)
-        backbone = Backbone.from_config(cfg.model, cfg.lora, cfg.latent.use_projection)
+        backbone = build_backbone(cfg)
         out = Path(args.out or "runs/eval-untrained")
     backbone.to(_device())
     datasets = args.datasets or cfg.eval.datasets
@@ -227,8 +247,9 @@ def cmd_solve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from kava.backbone import Backbone
+    from kava.backbone import build_backbone
     from kava.config import load_config
+    from kava.evaluate import run_eval
     from kava.train import train
 
     config = args.config or "demo"
@@ -239,7 +260,7 @@ def cmd_demo(args) -> int:
     print(
         f"[demo] untrained {cfg.model.name_or_path}: latent inference (M={cfg.latent.num_latents}, T={cfg.latent.num_iterations})"
     )
-    base = Backbone.from_config(cfg.model, cfg.lora, cfg.latent.use_projection)
+    base = build_backbone(cfg)
     rows = []
     (untrained,) = run_eval(
         base, cfg, cfg.eval.datasets[:1], out / "eval-untrained", progress=progress
@@ -278,7 +299,102 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "solve": cmd_solve, "demo": cmd_demo}
+def cmd_experiment(args) -> int:
+    from kava.experiments import load_spec, parse_shard, run_experiment
+
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    exp = load_spec(args.spec, args.output_dir, args.overrides)
+    run_experiment(exp, shard=shard, dry_run=args.dry_run, progress=not args.no_progress)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from kava.report import make_report
+
+    res = make_report(
+        args.experiment_dir, args.out, eviction=not args.no_eviction_plot, sample=args.sample
+    )
+    print(res["files"]["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in res["files"].values()))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from kava.checkpoint import load_checkpoint
+    from kava.data import Example, split_cot
+    from kava.evaluate import evaluate, extract_answer
+    from kava.inspect_latents import (
+        eviction_choice,
+        format_eviction,
+        format_probe_table,
+        probe_latents,
+    )
+
+    if args.top_k < 1:
+        print("kava inspect: error: --top-k must be >= 1", file=sys.stderr)
+        return 2
+    backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
+    backbone.to(_device())
+    result: dict = {"question": args.question, "method": cfg.method}
+    m = evaluate(
+        backbone,
+        cfg,
+        [Example(args.question, (), "0")],
+        batch_size=1,
+        progress=False,
+        return_predictions=True,
+    )
+    pred = m["predictions"][0]
+    result.update(prediction=pred["prediction"], parsed=pred["parsed"], passes=pred["passes"])
+    print(f"question: {args.question}")
+    parsed = pred["parsed"]
+    shown = "(no number)" if parsed is None else f"{parsed:g}"
+    print(f"answer: {shown} (generated {pred['prediction']!r}, {pred['passes']} forward passes)")
+    if cfg.is_latent:
+        rows = probe_latents(backbone, cfg, args.question, args.top_k)
+        print(
+            f"\nlatents (M={cfg.latent.num_latents}, T={cfg.effective_iterations}; "
+            "last Jacobi pass):"
+        )
+        print(format_probe_table(rows))
+        result["latents"] = [
+            {"slot": r.slot, "lm_head": r.output, "nearest_embeddings": r.input} for r in rows
+        ]
+    else:
+        print(f"\n(method {cfg.method} has no latent tokens)")
+    if args.cot:
+        steps = split_cot(args.cot)
+        answer = args.answer
+        if answer is None:
+            last = extract_answer(args.cot)
+            if last is None:
+                print("kava inspect: error: --cot has no number; pass --answer", file=sys.stderr)
+                return 2
+            answer = str(int(last)) if float(last).is_integer() else str(last)
+        choice = eviction_choice(backbone, cfg, args.question, steps, answer)
+        print()
+        print(format_eviction(choice))
+        result["eviction"] = {
+            "cot_tokens": choice.cot_tokens,
+            "method": choice.method,
+            "lambda": choice.lam,
+            "answer": answer,
+            "kept": choice.kept.tolist(),
+        }
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "solve": cmd_solve,
+    "demo": cmd_demo,
+    "experiment": cmd_experiment,
+    "report": cmd_report,
+    "inspect": cmd_inspect,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,12 +403,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from kava.checkpoint import CheckpointError
     from kava.config import ConfigError
     from kava.data import DataError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"kava {args.command}: error: {e}", file=sys.stderr)
         return 2
 

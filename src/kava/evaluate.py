@@ -212,3 +212,45 @@ def evaluate(
     if return_predictions:
         return {**metrics, "predictions": records}
     return metrics
+
+
+SYNTHETIC_EVAL_SEED = 1_000_003
+
+
+def load_eval_examples(name: str, cfg: KavaConfig, limit: int | None) -> list[Example]:
+    """Examples of an evaluation dataset (a name, a file, a Hub id, or ``synthetic``)."""
+    from kava.data import load_examples
+
+    limit = limit if limit is not None else cfg.eval.limit
+    # held-out synthetic problems: one fixed seed (not the training seed), so every run
+    # of an experiment is evaluated on the same problems
+    return load_examples(
+        name,
+        split="test",
+        steps_format=cfg.data.steps_format,
+        limit=limit,
+        seed=SYNTHETIC_EVAL_SEED,
+        synthetic_size=limit or 200,
+        synthetic_steps=(cfg.data.synthetic_min_steps, cfg.data.synthetic_max_steps),
+    )
+
+
+def run_eval(
+    backbone, cfg: KavaConfig, datasets, out: Path, limit=None, batch_size=None, progress=True
+) -> list[dict]:
+    """``evaluate`` each dataset into ``out/<dataset>/``; returns the metrics dicts."""
+
+    results = []
+    for name in datasets:
+        examples = load_eval_examples(name, cfg, limit)
+        m = evaluate(
+            backbone,
+            cfg,
+            examples,
+            batch_size=batch_size or cfg.eval.batch_size,
+            out_dir=out / name.replace("/", "_"),
+            name=name,
+            progress=progress,
+        )
+        results.append(m)
+    return results

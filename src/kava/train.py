@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from kava.backbone import Backbone
+from kava.backbone import Backbone, build_backbone
 from kava.batching import Encoded, collate, encode
 from kava.checkpoint import (
     TRAINER_STATE,
@@ -140,9 +140,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         )
     set_seed(t.seed)
 
-    backbone = Backbone.from_config(cfg.model, cfg.lora, cfg.latent.use_projection)
-    if not cfg.is_latent:  # no latents: the projection and new-token rows get no gradient
-        backbone.prj.requires_grad_(False)
+    backbone = build_backbone(cfg)
     model = KavaModel(backbone, cfg)
     data = encode_examples(load_train_examples(cfg), backbone, cfg)
     n_skipped = sum(data.skipped.values())
