@@ -37,18 +37,11 @@ from typing import Any
 
 import torch
 
-from kava.attention import positions_from_mask
 from kava.backbone import BOT, EOT, LATENT, PAD, Backbone
 from kava.batching import Batch, Encoded, collate, pad_rows
 from kava.config import KavaConfig, load_config
 from kava.inference import generate_latent, generate_text
-from kava.model import (
-    KavaModel,
-    compress_teacher_kv,
-    latent_passes,
-    stack_kv,
-    teacher_forward,
-)
+from kava.model import KavaModel, answer_pass
 
 PEAK_TFLOPS_H100 = 780.0  # measured bf16 matmul ceiling on the lent H100 (shared/DEVICE.md)
 PROMPT_LEN = 4  # " The answer is:" is 4 tokens in the Llama-3 / SmolLM2 / Qwen2 tokenizers
@@ -312,82 +305,20 @@ class _NoTimer:
 
 
 def instrumented_forward(model: KavaModel, batch: Batch, timer=None):
-    """``KavaModel.forward`` for the latent methods, cut into timed phases.
-
-    Calls the same kava.model pieces as ``KavaModel.forward`` / ``student_forward``; the
-    answer-pass half of ``student_forward`` is inlined so that it is timed apart from the
-    latent passes, and the eviction (no_grad, a function of the teacher pass only) runs
-    right after the teacher. Same loss (checked by ``precheck``). Returns ``(total, terms)``.
+    """``KavaModel.forward`` for the latent methods, phase by phase, with a timer tick after
+    each: the same ``KavaModel`` phase methods that ``forward`` composes. Returns
+    ``(total, terms)``.
     """
-    from kava import losses
-    from kava.model import selected_nll
-
     timer = timer or _NoTimer()
-    cfg, bb = model.cfg, model.backbone
-    m, t = cfg.latent.num_latents, cfg.effective_iterations
-    alpha1, alpha2, w_teacher = cfg.alpha1, cfg.effective_alpha2, cfg.teacher.weight
-    grad_ctx = contextlib.nullcontext() if w_teacher > 0 else torch.no_grad()
-    with grad_ctx:
-        teacher = teacher_forward(bb, batch.teacher, capture_kv=alpha2 > 0, hidden=alpha1 > 0)
+    teacher = model.teacher_pass(batch)
     timer.tick("teacher_forward")
-    compressed = None
-    if alpha2 > 0:
-        r = cfg.rkv
-        compressed = compress_teacher_kv(
-            teacher.capture, batch.teacher, m, r.method, r.lam, r.order, model.generator
-        )
+    compressed = model.compress(teacher, batch)
     timer.tick("eviction")
-    sb = batch.student
-    state = latent_passes(bb, sb.question_ids, sb.question_mask, m, t)
+    state = model.latent_passes(batch)
     timer.tick("student_latent_passes")
-    # -- the rest of student_forward: the answer pass
-    key_mask = torch.cat([state.key_mask, sb.answer_mask], dim=1)
-    s_a = sb.answer_ids.shape[1]
-    out = bb(
-        bb.embed(sb.answer_ids),
-        key_mask,
-        positions_from_mask(key_mask, s_a),
-        cache=state.answer_cache(),
-        output_hidden_states=True,
-    )
-    nll_sum, count = selected_nll(bb, out.last_hidden_state, sb.answer_labels)
-    hidden = torch.stack([h[:, sb.distill_index] for h in out.hidden_states[1:]])
-    student_ce = losses.mean_ce(nll_sum, count)
-    # -- losses, as KavaModel.forward
-    zero = student_ce.new_zeros(())
-    codi = (
-        losses.codi_loss(hidden, teacher.hidden, cfg.codi_loss.type, cfg.codi_loss.layerwise_std)
-        if alpha1 > 0
-        else zero
-    )
-    kv = zero
-    if alpha2 > 0:
-        passes = state.iteration_kv[1:] or state.iteration_kv
-        if cfg.kv_loss.iterations == "last":
-            passes = passes[-1:]
-        kv = torch.stack(
-            [
-                losses.kv_loss(
-                    *stack_kv(p),
-                    compressed.k,
-                    compressed.v,
-                    compressed.slot_mask,
-                    cfg.kv_loss.type,
-                    cfg.kv_loss.layerwise_std,
-                )
-                for p in passes
-            ]
-        ).mean()
-    total = student_ce + w_teacher * teacher.ce + alpha1 * codi + alpha2 * kv
-    terms = {
-        "loss": total.item(),
-        "student_ce": student_ce.item(),
-        "teacher_ce": teacher.ce.item(),
-        "codi": codi.item(),
-        "kv": kv.item(),
-    }
+    out = model.combine(teacher, answer_pass(model.backbone, batch.student, state), compressed)
     timer.tick("answer_pass_and_losses")
-    return total, terms
+    return out.total, out.terms
 
 
 def amp_context(device: torch.device, amp: bool):

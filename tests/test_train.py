@@ -135,6 +135,11 @@ def test_baseline_checkpoints_reload_and_evaluate(tmp_path, tiny_model_dir, meth
     assert main(["train", str(cfg), "--no-progress"]) == 0
     final = tmp_path / "run" / "final"
     out = tmp_path / "eval"
-    assert main(["eval", "--checkpoint", str(final), "--out", str(out), "--limit", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            ["eval", "--checkpoint", str(final), "--out", str(out), "--limit", "2", "--no-progress"]
+        )
+        == 0
+    )
     metrics = json.loads((out / "synthetic" / "metrics.json").read_text())
     assert metrics["method"] == method and metrics["n"] == 2

@@ -146,9 +146,8 @@ class StudentOutput:
         return losses.mean_ce(self.nll_sum, self.count)
 
 
-def student_forward(backbone: Backbone, batch: StudentBatch, m: int, t: int) -> StudentOutput:
-    """Latent passes, then ``<eot> ++ prompt ++ answer ++ eos`` on the last latent KV."""
-    state = latent_passes(backbone, batch.question_ids, batch.question_mask, m, t)
+def answer_pass(backbone: Backbone, batch: StudentBatch, state: LatentState) -> StudentOutput:
+    """``<eot> ++ prompt ++ answer ++ eos`` on the question + last latent KV of ``state``."""
     key_mask = torch.cat([state.key_mask, batch.answer_mask], dim=1)
     s_a = batch.answer_ids.shape[1]
     out = backbone(
@@ -161,6 +160,12 @@ def student_forward(backbone: Backbone, batch: StudentBatch, m: int, t: int) -> 
     nll_sum, count = selected_nll(backbone, out.last_hidden_state, batch.answer_labels)
     hidden = torch.stack([h[:, batch.distill_index] for h in out.hidden_states[1:]])
     return StudentOutput(nll_sum, count, hidden, state)
+
+
+def student_forward(backbone: Backbone, batch: StudentBatch, m: int, t: int) -> StudentOutput:
+    """Latent passes (pass 0 + ``t`` Jacobi iterations), then the answer pass."""
+    state = latent_passes(backbone, batch.question_ids, batch.question_mask, m, t)
+    return answer_pass(backbone, batch, state)
 
 
 @dataclass
@@ -229,36 +234,68 @@ class KavaModel(nn.Module):
         self.generator = torch.Generator().manual_seed(cfg.rkv.seed)
 
     def forward(self, batch: Batch) -> LossOutput:
-        cfg = self.cfg
-        if not cfg.is_latent:  # cot / nocot: supervised fine-tuning on the teacher sequence
+        if not self.cfg.is_latent:  # cot / nocot: supervised fine-tuning on the teacher sequence
             teacher = teacher_forward(self.backbone, batch.teacher, capture_kv=False, hidden=False)
             ce = teacher.ce
             return LossOutput(ce, {"loss": ce.detach(), "teacher_ce": ce.detach()}, teacher=teacher)
+        teacher = self.teacher_pass(batch)
+        compressed = self.compress(teacher, batch)
+        state = self.latent_passes(batch)
+        student = answer_pass(self.backbone, batch.student, state)
+        return self.combine(teacher, student, compressed)
 
-        m, t = cfg.latent.num_latents, cfg.effective_iterations
-        alpha1, alpha2, w_teacher = cfg.alpha1, cfg.effective_alpha2, cfg.teacher.weight
+    # The phases of ``forward`` for the latent methods, public so that benchmarks time
+    # exactly this code (benchmarks/bench_kava.py).
+    def teacher_pass(self, batch: Batch) -> TeacherOutput:
+        cfg = self.cfg
         # The teacher's graph is only needed for its own CE term.
-        grad_ctx = contextlib.nullcontext() if w_teacher > 0 else torch.no_grad()
+        grad_ctx = contextlib.nullcontext() if cfg.teacher.weight > 0 else torch.no_grad()
         with grad_ctx:
-            teacher = teacher_forward(
-                self.backbone, batch.teacher, capture_kv=alpha2 > 0, hidden=alpha1 > 0
+            return teacher_forward(
+                self.backbone,
+                batch.teacher,
+                capture_kv=cfg.effective_alpha2 > 0,
+                hidden=cfg.alpha1 > 0,
             )
-        student = student_forward(self.backbone, batch.student, m, t)
 
+    def compress(self, teacher: TeacherOutput, batch: Batch) -> CompressedKV | None:
+        """The teacher's CoT KV evicted to M slots, or None when there is no KV loss."""
+        if self.cfg.effective_alpha2 <= 0:
+            return None
+        r = self.cfg.rkv
+        return compress_teacher_kv(
+            teacher.capture,
+            batch.teacher,
+            self.cfg.latent.num_latents,
+            r.method,
+            r.lam,
+            r.order,
+            self.generator,
+        )
+
+    def latent_passes(self, batch: Batch) -> LatentState:
+        s, cfg = batch.student, self.cfg
+        return latent_passes(
+            self.backbone,
+            s.question_ids,
+            s.question_mask,
+            cfg.latent.num_latents,
+            cfg.effective_iterations,
+        )
+
+    def combine(
+        self, teacher: TeacherOutput, student: StudentOutput, compressed: CompressedKV | None
+    ) -> LossOutput:
+        """``CE_student + w_teacher * CE_teacher + alpha1 * L_CODI + alpha2 * L_KV``."""
+        cfg = self.cfg
+        alpha1, alpha2, w_teacher = cfg.alpha1, cfg.effective_alpha2, cfg.teacher.weight
         zero = student.ce.new_zeros(())
-        codi = (
-            losses.codi_loss(
+        codi, kv = zero, zero
+        if alpha1 > 0:
+            codi = losses.codi_loss(
                 student.hidden, teacher.hidden, cfg.codi_loss.type, cfg.codi_loss.layerwise_std
             )
-            if alpha1 > 0
-            else zero
-        )
-        compressed, kv = None, zero
-        if alpha2 > 0:
-            r = cfg.rkv
-            compressed = compress_teacher_kv(
-                teacher.capture, batch.teacher, m, r.method, r.lam, r.order, self.generator
-            )
+        if compressed is not None:
             passes = student.state.iteration_kv[1:] or student.state.iteration_kv
             if cfg.kv_loss.iterations == "last":
                 passes = passes[-1:]
@@ -283,6 +320,5 @@ class KavaModel(nn.Module):
             "codi": codi,
             "kv": kv,
         }
-        return LossOutput(
-            total, {k: v.detach().float() for k, v in terms.items()}, teacher, student, compressed
-        )
+        metrics = {k: v.detach().float() for k, v in terms.items()}
+        return LossOutput(total, metrics, teacher, student, compressed)
