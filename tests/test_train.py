@@ -78,8 +78,7 @@ def test_train_resume_is_exact(tmp_path, tiny_model_dir):
     import shutil
 
     shutil.rmtree(final)
-    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:2]))
-    assert main(["train", str(cfg), "--no-progress", "--resume"]) == 0
+    assert main(["train", str(cfg), "--no-progress", "--resume"]) == 0  # drops log lines > 2
     resumed = read_log(run)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(full[2:], resumed[2:]):
@@ -109,6 +108,13 @@ def test_train_resume_is_exact(tmp_path, tiny_model_dir):
         )
         == 0
     )
+
+
+def test_fresh_run_into_an_existing_run_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
+    cfg = write_config(tmp_path, tiny_model_dir, train={"max_steps": 1})
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    assert main(["train", str(cfg), "--no-progress"]) == 2
+    assert "already holds a training run" in capsys.readouterr().err
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir, capsys):

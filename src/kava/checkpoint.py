@@ -7,8 +7,9 @@ A checkpoint folder holds
   keyed by ``Backbone`` parameter names: the one file kava loads back;
 * ``adapter/``               — the LoRA adapter in peft format, for use outside kava;
 * ``tokenizer/``             — the tokenizer with kava's special tokens;
-* ``trainer_state.pt``       — optimizer, scheduler, RNG states and data position
-  (training checkpoints only; what ``--resume`` needs).
+* ``trainer_state.pt``       — optimizer, scheduler, eviction RNG and the step (the data
+  position), and ``rng_state_<rank>.pt`` per process (dropout RNG): what ``--resume``
+  needs; training checkpoints only.
 """
 
 from __future__ import annotations

@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"kava {args.command}: error: {e}", file=sys.stderr)
         return 2
 

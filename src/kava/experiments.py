@@ -414,22 +414,6 @@ def run_status(run: Run) -> str:
 # --------------------------------------------------------------------------- running
 
 
-def _truncate_log(run_dir: Path, step: int) -> None:
-    """Drop log lines after the checkpoint ``step`` (a resumed run writes them again)."""
-    path = run_dir / "log.jsonl"
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by the interruption
-        if rec.get("step", 0) <= step:
-            keep.append(line + "\n")
-    path.write_text("".join(keep))
-
-
 def _fresh(run_dir: Path) -> None:
     """Remove what a from-scratch run would otherwise append to (the folder is ours)."""
     for name in ("log.jsonl", "tb", "checkpoints", "final", "final.tmp", "eval", DONE):
@@ -462,7 +446,7 @@ def execute_run(run: Run, status: str, progress: bool = True) -> dict[str, Any]:
     import torch
 
     from kava import train as train_module
-    from kava.checkpoint import latest_checkpoint, load_checkpoint
+    from kava.checkpoint import load_checkpoint
     from kava.evaluate import run_eval
 
     run.dir.mkdir(parents=True, exist_ok=True)
@@ -473,8 +457,6 @@ def execute_run(run: Run, status: str, progress: bool = True) -> dict[str, Any]:
     if status in ("new", "resume"):
         t0 = time.perf_counter()
         if status == "resume":
-            ckpt = latest_checkpoint(run.dir)  # checkpoints/step-N
-            _truncate_log(run.dir, int(ckpt.name.split("-", 1)[1]))
             train_module.train(run.cfg, resume=True, progress=progress)
         else:
             _fresh(run.dir)

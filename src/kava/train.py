@@ -118,11 +118,40 @@ def _mixed_precision(cfg: KavaConfig) -> str:
     return mp
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines up to ``step`` (a resumed run writes the later ones again)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line + "\n")
+        except json.JSONDecodeError:
+            continue  # a line torn by the interruption
+    path.write_text("".join(keep))
+
+
+def rng_file_name(process_index: int) -> str:
+    return f"rng_state_{process_index}.pt"
+
+
+def tensorboard_writer(path: Path):
+    """A TensorBoard writer, or None (with a warning) when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning(
+            "tensorboard is not installed: logging to log.jsonl only (pip install tensorboard)"
+        )
+        return None
+    return SummaryWriter(str(path))
+
+
 def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train ``cfg`` and return the path of the final checkpoint."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from torch.utils.tensorboard import SummaryWriter
     from transformers import get_cosine_schedule_with_warmup
 
     t = cfg.train
@@ -184,6 +213,11 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     )
 
     step = 0
+    if not resume and any((run_dir / n).exists() for n in ("log.jsonl", "checkpoints", "final")):
+        raise FileExistsError(
+            f"{run_dir} already holds a training run; continue it with --resume, "
+            "or set another train.output_dir"
+        )
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
@@ -194,12 +228,19 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        rng_file = ckpt / rng_file_name(accelerator.process_index)
+        if not rng_file.is_file():
+            raise FileNotFoundError(
+                f"{rng_file} missing: resume with the number of processes the run was saved with"
+            )
+        set_rng_state(torch.load(rng_file, weights_only=False))
         accelerator.unwrap_model(model).generator.set_state(state["eviction_rng"])
         step = state["step"]
+        if accelerator.is_main_process:
+            truncate_log(run_dir / "log.jsonl", step)
         accelerator.print(f"resumed from {ckpt} at step {step}")
 
-    writer = SummaryWriter(str(run_dir / "tb")) if accelerator.is_main_process else None
+    writer = tensorboard_writer(run_dir / "tb") if accelerator.is_main_process else None
     log_file = (run_dir / "log.jsonl").open("a") if accelerator.is_main_process else None
     bar = tqdm(
         total=total_steps,
@@ -217,10 +258,13 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     "step": step,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(),
                     "eviction_rng": accelerator.unwrap_model(model).generator.get_state(),
                 }
             save_checkpoint(path, backbone, cfg, state)
+        if with_state:  # every process has its own RNG stream (dropout); each saves its own
+            accelerator.wait_for_everyone()
+            torch.save(rng_state(), path / rng_file_name(accelerator.process_index))
+        accelerator.wait_for_everyone()
 
     model.train()
     sums: dict[str, torch.Tensor] = {}
@@ -258,7 +302,11 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             step += 1
             if step % t.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t0
-                rec = dict(zip(sums, (torch.stack(list(sums.values())) / n_micro).tolist()))
+                # mean over this step's micro-batches and over processes
+                means = accelerator.reduce(
+                    torch.stack(list(sums.values())) / n_micro, reduction="mean"
+                )
+                rec = dict(zip(sums, means.tolist()))
                 rec.update(
                     step=step,
                     epoch=round(step / steps_per_epoch, 4),
@@ -270,7 +318,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     log_file.write(json.dumps(rec) + "\n")
                     log_file.flush()
                     for k, v in rec.items():
-                        if isinstance(v, float) and k != "epoch":
+                        if writer is not None and isinstance(v, float) and k != "epoch":
                             writer.add_scalar(f"train/{k}", v, step)
                 bar.set_postfix(
                     {
@@ -289,7 +337,8 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     final = run_dir / "final"
     checkpoint(final, with_state=True)
     if accelerator.is_main_process:
-        writer.close()
+        if writer is not None:
+            writer.close()
         log_file.close()
     accelerator.print(f"saved {final}")
     return final
