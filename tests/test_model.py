@@ -133,6 +133,37 @@ def test_selected_nll_equals_full_logits(make_backbone):
     assert torch.equal(t.count, c)
 
 
+def test_selected_nll_gradients_equal_full_logits(make_backbone):
+    """The optimised loss path (logits only at labelled rows) has the plain path's gradients."""
+    bb = make_backbone("qwen2")
+    batch = collate(encoded(bb), bb.ids).teacher
+    pos = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def grads(optimised: bool):
+        bb.zero_grad()
+        if optimised:
+            t = teacher_forward(bb, batch, capture_kv=False, hidden=False)
+            loss = losses.mean_ce(t.nll_sum, t.count)
+        else:
+            h = bb.decoder(
+                inputs_embeds=bb.embed(batch.input_ids),
+                attention_mask=batch.attention_mask,
+                position_ids=pos,
+            ).last_hidden_state
+            loss = losses.mean_ce(*losses.token_nll(bb.logits(h), batch.labels))
+        loss.backward()
+        return loss.detach(), {
+            n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None
+        }
+
+    loss_opt, g_opt = grads(True)
+    loss_plain, g_plain = grads(False)
+    torch.testing.assert_close(loss_opt, loss_plain, atol=1e-5, rtol=1e-5)
+    assert g_opt.keys() == g_plain.keys() and any("lora" in n for n in g_opt)
+    for n in g_opt:
+        torch.testing.assert_close(g_opt[n], g_plain[n], atol=1e-6, rtol=1e-4)
+
+
 def test_gradients_reach_every_trainable_part(make_backbone):
     bb = make_backbone()
     model = KavaModel(bb, config(m=4, t=3))
