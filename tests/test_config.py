@@ -161,3 +161,10 @@ def test_help_explains(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "forward passes" in capsys.readouterr().out
+
+
+def test_demo_refuses_a_folder_that_is_not_a_demo_run(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "not a kava demo run" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"

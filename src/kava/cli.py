@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -246,6 +247,9 @@ def cmd_solve(args) -> int:
     return 0
 
 
+DEMO_MARKER = "KAVA_DEMO_RUN"
+
+
 def cmd_demo(args) -> int:
     from kava.backbone import build_backbone
     from kava.config import load_config
@@ -256,6 +260,13 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     cfg = load_config(config, [*args.overrides, f"train.output_dir={out}"])
     progress = not args.no_progress
+    if out.exists():  # a demo is re-runnable: it replaces its own previous run, nothing else
+        if not (out / DEMO_MARKER).is_file() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not a kava demo run; pass another --out")
+        print(f"[demo] replacing the previous demo run in {out}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / DEMO_MARKER).write_text("made by `kava demo`; the next demo run replaces this folder\n")
     t0 = time.perf_counter()
     print(
         f"[demo] untrained {cfg.model.name_or_path}: latent inference (M={cfg.latent.num_latents}, T={cfg.latent.num_iterations})"
