@@ -168,3 +168,10 @@ def test_demo_refuses_a_folder_that_is_not_a_demo_run(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 2
     assert "not a kava demo run" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_missing_local_model_is_a_clear_error(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{name_or_path: {tmp_path}/no-such-model}}\n")
+    assert main(["eval", "--config", str(cfg), "--no-progress"]) == 2
+    assert "model.name_or_path" in capsys.readouterr().err

