@@ -373,7 +373,13 @@ def test_spec_errors_name_the_file_and_key(tmp_path, capsys, changes, key):
 def test_spec_error_in_one_run_combination(tmp_path, capsys):
     # each key is valid alone; together they break a range check of one grid cell
     grid = {"data.synthetic_min_steps": [1, 3], "data.synthetic_max_steps": [2, 3]}
-    spec = write_spec(tmp_path, grid=grid)  # the base has min 2, max 3
+    # pin the base (min 2, max 3) here rather than depend on the spec's base config
+    overrides = {
+        **spec_doc().get("overrides", {}),
+        "data.synthetic_min_steps": 2,
+        "data.synthetic_max_steps": 3,
+    }
+    spec = write_spec(tmp_path, grid=grid, overrides=overrides)
     assert main(["experiment", str(spec), "--dry-run"]) == 2
     err = capsys.readouterr().err
     bad_run = "run cot__data.synthetic_min_steps=3__data.synthetic_max_steps=2__seed0"
