@@ -94,6 +94,7 @@ def read_predictions(path) -> list[dict]:
         ("The answer is:-3", -3.0),
         ("The answer is: 2.5", 2.5),
         ("The answer is: .5", 0.5),
+        ("The answer is: \u22127", -7.0),  # Unicode minus sign
         ("The answer is: 18.", 18.0),  # sentence end, not a decimal point
         ("She has 5 apples, then 8 apples, so 13", 13.0),  # no prompt: last number
         ("<<12-3=9>> <<9*2=18>>", 18.0),

@@ -149,3 +149,15 @@ def test_baseline_checkpoints_reload_and_evaluate(tmp_path, tiny_model_dir, meth
     )
     metrics = json.loads((out / "synthetic" / "metrics.json").read_text())
     assert metrics["method"] == method and metrics["n"] == 2
+
+
+def test_data_smaller_than_the_global_batch_trains(tmp_path, tiny_model_dir):
+    """3 micro-batches per epoch, a global batch of 4: each step takes the whole epoch."""
+    cfg = write_config(
+        tmp_path,
+        tiny_model_dir,
+        data={"synthetic_train_size": 6},
+        train={"max_steps": 2, "global_batch_size": 8, "micro_batch_size": 2, "save_every": 0},
+    )
+    assert main(["train", str(cfg), "--no-progress"]) == 0
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2]

@@ -104,7 +104,10 @@ def causal_padding_mask(key_mask: torch.Tensor, query_len: int) -> torch.Tensor:
 
 
 def positions_from_mask(key_mask: torch.Tensor, query_len: int) -> torch.Tensor:
-    """``position_ids = cumsum(mask) - 1`` for the last ``query_len`` columns; pads get 0.
+    """``position_ids = cumsum(mask) - 1`` for the last ``query_len`` columns.
+
+    Left pads get 0, right pads repeat the last real position; pads are masked as keys
+    and their outputs are never read, so their positions do not matter.
 
     ``key_mask``: ``[B, S_k]`` over cache + current tokens. Returns ``[B, S_q]`` long.
     """

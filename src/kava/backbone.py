@@ -154,8 +154,12 @@ class Backbone(nn.Module):
         self.lm_head = self.lm.get_output_embeddings()
         cfg = self.lm.config.get_text_config(decoder=True)
         self.num_layers = cfg.num_hidden_layers
-        # Logit columns that can be predicted: from_model cuts the rows it padded to 64.
-        self.vocab_size = self.lm_head.weight.shape[0]
+        # Predictable ids: the tokenizer's, less kava's four (never a label, never an
+        # output); rows padded to 64 and a model's spare rows (Qwen2) are cut off.
+        self.vocab_size = len(tokenizer)
+        never = torch.zeros(self.vocab_size, dtype=torch.bool)
+        never[self.first_new_id : self.first_new_id + 4] = True
+        self.register_buffer("never_predicted", never, persistent=False)
         self.hidden_size = dim
 
     # --- building ----------------------------------------------------------------------
@@ -197,15 +201,14 @@ class Backbone(nn.Module):
                 task_type="CAUSAL_LM",
             )
             lm = get_peft_model(lm, peft_cfg)
-        backbone = cls(lm, tokenizer, use_projection)
-        backbone.vocab_size = max(vocab, len(tokenizer))  # keep a model's own spare rows (Qwen2)
-        return backbone
+        return cls(lm, tokenizer, use_projection)
 
     # --- running -----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, S]`` token ids -> ``[B, S, D]``, new tokens from ``new_token_embeddings``."""
         base = self.lm.get_input_embeddings()(input_ids)
-        is_new = input_ids >= self.first_new_id  # no `if is_new.any()`: that syncs the GPU
+        # no `if is_new.any()`: that would sync the GPU
+        is_new = (input_ids >= self.first_new_id) & (input_ids < self.first_new_id + 4)
         rows = self.new_token_embeddings.to(base.dtype)[(input_ids - self.first_new_id).clamp(0, 3)]
         return torch.where(is_new[..., None], rows, base)
 
@@ -239,11 +242,11 @@ class Backbone(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` final hidden states -> ``[..., V]`` float32 logits over real tokens.
 
-        Rows added only to pad the embedding matrix to a multiple of 64 are cut off, so
-        they can never be predicted.
+        Only the tokenizer's own tokens can be predicted: rows that pad the embedding
+        matrix, a model's spare rows and kava's four special tokens get no probability.
         """
-        out = self.lm_head(hidden)
-        return out[..., : self.vocab_size].float()
+        out = self.lm_head(hidden)[..., : self.vocab_size].float()
+        return out.masked_fill(self.never_predicted, float("-inf"))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -253,11 +256,12 @@ def build_backbone(cfg: KavaConfig) -> Backbone:
     """The backbone of ``cfg`` with its method's trainable set.
 
     Training and checkpoint loading both build through here, so a checkpoint always
-    holds exactly the tensors a fresh backbone of its config trains: the methods
-    without latents (cot, nocot) never use ``prj``, so it is frozen for them.
+    holds exactly the tensors a fresh backbone of its config trains. ``prj`` is frozen
+    where it is never used: no latents (cot, nocot) or no Jacobi iteration (T=0, pause
+    tokens). Every trainable tensor must reach the loss (DDP requires it).
     """
     backbone = Backbone.from_config(cfg.model, cfg.lora, cfg.latent.use_projection)
-    if not cfg.is_latent:
+    if not cfg.is_latent or cfg.effective_iterations == 0:
         backbone.prj.requires_grad_(False)
     return backbone
 

@@ -50,9 +50,11 @@ def extract_answer(text: str, answer_prompt: str = ANSWER_PROMPT) -> float | Non
     """The number after the LAST ``answer_prompt`` in ``text``, else the last number; or None.
 
     Commas are thousands separators ("1,234" -> 1234.0); negatives ("-3"), decimals
-    ("2.5", ".5") and a sentence's final "." ("is 18.") are handled. When the prompt is
-    present but no number follows it, the last number of the whole text is returned.
+    ("2.5", ".5"), the Unicode minus ("−7") and a sentence's final "." ("is 18.") are
+    handled. When the prompt is present but no number follows it, the last number of the
+    whole text is returned.
     """
+    text = text.replace("\u2212", "-")
     _, sep, tail = text.rpartition(answer_prompt.strip())
     if sep:
         after = _NUMBER.search(tail)

@@ -122,6 +122,8 @@ def latent_passes(
     question_kv = kv_from_cache(out.past_key_values, 0, s_q)
     latent_kv = kv_from_cache(out.past_key_values, s_q)
     state = LatentState(key_mask, question_kv, latent_kv, [latent_kv])
+    if t == 0:  # pause tokens: the answer reads pass 0's latent KV; no inputs to build
+        return state
     x = backbone.prj(out.last_hidden_state[:, s_q - 1 : s_q - 1 + m])
     latent_pos = positions_from_mask(key_mask, m)
     for i in range(t):

@@ -167,7 +167,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             world,
             accum * t.micro_batch_size * world,
         )
-    set_seed(t.seed)
+    set_seed(t.seed, device_specific=True)  # each process its own dropout stream
 
     backbone = build_backbone(cfg)
     model = KavaModel(backbone, cfg)
@@ -206,7 +206,15 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         return accelerator.prepare_data_loader(dl)
 
     batches_per_epoch = len(loader(0))
-    steps_per_epoch = max(1, batches_per_epoch // accum)
+    if batches_per_epoch < accum:  # a data set smaller than the global batch
+        log.warning(
+            "an epoch has %d micro-batches, fewer than the %d of a global batch: "
+            "each optimizer step uses the whole epoch",
+            batches_per_epoch,
+            accum,
+        )
+        accum = batches_per_epoch
+    steps_per_epoch = batches_per_epoch // accum
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(t.warmup_ratio * total_steps), total_steps
@@ -233,8 +241,9 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             raise FileNotFoundError(
                 f"{rng_file} missing: resume with the number of processes the run was saved with"
             )
-        set_rng_state(torch.load(rng_file, weights_only=False))
-        accelerator.unwrap_model(model).generator.set_state(state["eviction_rng"])
+        ranks_rng = torch.load(rng_file, weights_only=False)
+        set_rng_state(ranks_rng["rng"])
+        accelerator.unwrap_model(model).generator.set_state(ranks_rng["eviction_rng"])
         step = state["step"]
         if accelerator.is_main_process:
             truncate_log(run_dir / "log.jsonl", step)
@@ -258,12 +267,15 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     "step": step,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "eviction_rng": accelerator.unwrap_model(model).generator.get_state(),
                 }
             save_checkpoint(path, backbone, cfg, state)
         if with_state:  # every process has its own RNG stream (dropout); each saves its own
             accelerator.wait_for_everyone()
-            torch.save(rng_state(), path / rng_file_name(accelerator.process_index))
+            ranks_rng = {
+                "rng": rng_state(),
+                "eviction_rng": accelerator.unwrap_model(model).generator.get_state(),
+            }
+            torch.save(ranks_rng, path / rng_file_name(accelerator.process_index))
         accelerator.wait_for_everyone()
 
     model.train()
@@ -276,10 +288,9 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         if skip:
             dl = accelerator.skip_first_batches(dl, skip)
         for i, batch in enumerate(dl, start=skip):
-            last_of_epoch = i == steps_per_epoch * accum - 1
             if i >= steps_per_epoch * accum:
                 break  # leftover micro-batches that do not fill an optimizer step
-            sync = (i + 1) % accum == 0 or last_of_epoch
+            sync = (i + 1) % accum == 0
             ctx = accelerator.no_sync(model) if not sync else torch.enable_grad()
             with ctx:
                 out = model(batch)
@@ -296,13 +307,14 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 grad_norm = accelerator.clip_grad_norm_(
                     backbone.trainable_parameters(), t.grad_clip
                 )
+            lr = scheduler.get_last_lr()[0]  # the lr this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % t.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t0
-                # mean over this step's micro-batches and over processes
+                # mean over the micro-batches since the last log line, and over processes
                 means = accelerator.reduce(
                     torch.stack(list(sums.values())) / n_micro, reduction="mean"
                 )
@@ -310,7 +322,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 rec.update(
                     step=step,
                     epoch=round(step / steps_per_epoch, 4),
-                    lr=scheduler.get_last_lr()[0],
+                    lr=lr,
                     tokens_per_s=tokens * world / max(elapsed, 1e-9),
                     grad_norm=float(grad_norm) if grad_norm is not None else None,
                 )
