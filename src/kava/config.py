@@ -338,6 +338,18 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file {path} does not exist (packaged configs: {known})")
 
 
+def read_config_data(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a YAML config file (not yet validated); errors name the file."""
+    path = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> KavaConfig:
@@ -345,12 +357,7 @@ def load_config(
     data: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        data = read_config_data(path)
     if overrides:
         data = apply_overrides(data, overrides)
     try:

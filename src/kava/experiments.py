@@ -47,6 +47,7 @@ from kava.config import (
     KavaConfig,
     apply_overrides,
     from_dict,
+    read_config_data,
     resolve_config_path,
 )
 
@@ -261,12 +262,7 @@ def load_spec(
     if base is not None:
         base_path = _resolve_base(base, spec_path)
         try:
-            base_data = yaml.safe_load(base_path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise SpecError(f"{spec_path}: base: {base_path}: invalid YAML: {e}") from None
-        if not isinstance(base_data, dict):
-            raise SpecError(f"{spec_path}: base: {base_path}: top level must be a mapping")
-        try:
+            base_data = read_config_data(base_path)
             _build_config(base_data)
         except ConfigError as e:
             raise SpecError(f"{spec_path}: base: {base_path}: {e}") from None
