@@ -38,6 +38,11 @@ class SpecialIds:
     bos: int | None  # prepended to the question when the tokenizer normally adds one
 
 
+def default_device() -> torch.device:
+    """Where kava runs a model outside the training loop: the GPU if there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32

@@ -166,12 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def cmd_train(args) -> int:
     from kava.config import load_config
     from kava.train import train
@@ -203,7 +197,7 @@ EVAL_COLUMNS = [
 
 
 def cmd_eval(args) -> int:
-    from kava.backbone import build_backbone
+    from kava.backbone import build_backbone, default_device
     from kava.checkpoint import load_checkpoint
     from kava.config import load_config
     from kava.evaluate import run_eval
@@ -215,7 +209,7 @@ def cmd_eval(args) -> int:
         cfg = load_config(args.config, args.overrides)
         backbone = build_backbone(cfg)
         out = Path(args.out or "runs/eval-untrained")
-    backbone.to(_device())
+    backbone.to(default_device())
     datasets = args.datasets or cfg.eval.datasets
     results = run_eval(
         backbone, cfg, datasets, out, args.limit, args.batch_size, not args.no_progress
@@ -226,12 +220,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_solve(args) -> int:
+    from kava.backbone import default_device
     from kava.checkpoint import load_checkpoint
     from kava.data import Example
     from kava.evaluate import evaluate
 
     backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
-    backbone.to(_device())
+    backbone.to(default_device())
     m = evaluate(
         backbone,
         cfg,
@@ -251,7 +246,7 @@ DEMO_MARKER = "KAVA_DEMO_RUN"
 
 
 def cmd_demo(args) -> int:
-    from kava.backbone import build_backbone
+    from kava.backbone import build_backbone, default_device
     from kava.config import load_config
     from kava.evaluate import run_eval
     from kava.train import train
@@ -271,7 +266,7 @@ def cmd_demo(args) -> int:
     print(
         f"[demo] untrained {cfg.model.name_or_path}: latent inference (M={cfg.latent.num_latents}, T={cfg.latent.num_iterations})"
     )
-    base = build_backbone(cfg)
+    base = build_backbone(cfg).to(default_device())
     rows = []
     (untrained,) = run_eval(
         base, cfg, cfg.eval.datasets[:1], out / "eval-untrained", progress=progress
@@ -287,6 +282,7 @@ def cmd_demo(args) -> int:
     from kava.checkpoint import load_checkpoint
 
     trained_bb, _ = load_checkpoint(final)
+    trained_bb.to(default_device())
     (trained,) = run_eval(
         trained_bb, cfg, cfg.eval.datasets[:1], out / "eval-trained", progress=progress
     )
@@ -331,6 +327,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from kava.backbone import default_device
     from kava.checkpoint import load_checkpoint
     from kava.data import Example, split_cot
     from kava.evaluate import evaluate, extract_answer
@@ -345,7 +342,7 @@ def cmd_inspect(args) -> int:
         print("kava inspect: error: --top-k must be >= 1", file=sys.stderr)
         return 2
     backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
-    backbone.to(_device())
+    backbone.to(default_device())
     result: dict = {"question": args.question, "method": cfg.method}
     m = evaluate(
         backbone,

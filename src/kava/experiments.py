@@ -431,17 +431,12 @@ def preflight_datasets(exp: Experiment) -> None:
             load_eval_examples(name, cfg, 1)
 
 
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def execute_run(run: Run, status: str, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) and evaluate one run; write ``DONE.json`` last. Returns its record."""
     import torch
 
     from kava import train as train_module
+    from kava.backbone import default_device
     from kava.checkpoint import load_checkpoint
     from kava.evaluate import run_eval
 
@@ -461,7 +456,7 @@ def execute_run(run: Run, status: str, progress: bool = True) -> dict[str, Any]:
     final = run.dir / "final"
     t0 = time.perf_counter()
     backbone, _ = load_checkpoint(final)
-    backbone.to(_device())
+    backbone.to(default_device())
     eval_dir = run.dir / "eval"
     if eval_dir.exists():
         shutil.rmtree(eval_dir)

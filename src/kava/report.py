@@ -594,8 +594,8 @@ def sample_example(cfg, index: int = 0):
 
 def eviction_figure(runs: list[RunResult], path: Path, sample: int = 0) -> str | None:
     """Draw the eviction picture from the first complete KaVa run; returns its run name."""
-    import torch
 
+    from kava.backbone import default_device
     from kava.checkpoint import load_checkpoint
     from kava.inspect_latents import eviction_choice
 
@@ -603,7 +603,7 @@ def eviction_figure(runs: list[RunResult], path: Path, sample: int = 0) -> str |
     if run is None:
         return None
     backbone, cfg = load_checkpoint(run.dir / "final")
-    backbone.to("cuda" if torch.cuda.is_available() else "cpu")
+    backbone.to(default_device())
     ex = sample_example(cfg, sample)
     choice = eviction_choice(backbone, cfg, ex.question, ex.steps, ex.answer)
     plot_eviction(choice, ex.question, path, title=f"run {run.name}")
