@@ -37,11 +37,12 @@ from typing import Any
 
 import torch
 
-from kava.backbone import BOT, EOT, LATENT, PAD, Backbone
+from kava.backbone import Backbone
 from kava.batching import Batch, Encoded, collate, pad_rows
 from kava.config import KavaConfig, load_config
 from kava.inference import generate_latent, generate_text
 from kava.model import KavaModel, answer_pass
+from kava.tokens import BOT, EOT, LATENT, PAD
 
 PEAK_TFLOPS_H100 = 780.0  # measured bf16 matmul ceiling on the lent H100 (shared/DEVICE.md)
 PROMPT_LEN = 4  # " The answer is:" is 4 tokens in the Llama-3 / SmolLM2 / Qwen2 tokenizers

@@ -117,11 +117,10 @@ def test_extract_answer_custom_prompt():
 
 def test_parse_prediction_prepends_prompt_for_answer_only_methods():
     # latent / No-CoT generations start right after the prompt: the first number counts
-    assert parse_prediction(" 12 and then 40", "nocot") == 12.0
-    assert parse_prediction(" 12 and then 40", "kava") == 12.0
+    assert parse_prediction(" 12 and then 40", writes_cot=False) == 12.0
     # CoT writes the prompt itself; without it the last number counts
-    assert parse_prediction(" <<3*4=12>> The answer is: 12", "cot") == 12.0
-    assert parse_prediction(" <<3*4=12>> and then 40", "cot") == 40.0
+    assert parse_prediction(" <<3*4=12>> The answer is: 12", writes_cot=True) == 12.0
+    assert parse_prediction(" <<3*4=12>> and then 40", writes_cot=True) == 40.0
 
 
 @pytest.mark.parametrize(
@@ -185,7 +184,7 @@ def test_evaluate_writes_consistent_outputs(make_backbone, tmp_path, method):
         assert set(rec) == RECORD_KEYS
         # original order although batches are sorted by length
         assert rec["index"] == i and rec["question"] == ex.question and rec["gold"] == ex.answer
-        assert rec["parsed"] == parse_prediction(rec["prediction"], method)
+        assert rec["parsed"] == parse_prediction(rec["prediction"], method == "cot")
         assert rec["correct"] == answers_match(rec["parsed"], ex.answer)
         n_gen = rec["generated_tokens"]
         assert 1 <= n_gen <= (COT_MAX_NEW if method == "cot" else MAX_NEW)

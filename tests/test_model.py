@@ -251,9 +251,9 @@ def test_overfit_few_examples(make_backbone, arch, method):
     if cfg.is_latent:
         assert last["student_ce"] < 0.85 * first["student_ce"], (first, last)
     if method == "kava":  # KV term active (that it can be minimised: test_kv_loss_is_minimised)
-        assert first["kv"] > 0 and first["codi"] > 0 and last["kv"] > 0
+        assert first["kv_loss"] > 0 and first["codi_loss"] > 0 and last["kv_loss"] > 0
     if method in ("pccot", "codi"):
-        assert first["kv"] == 0.0 and first["codi"] > 0
+        assert first["kv_loss"] == 0.0 and first["codi_loss"] > 0
 
 
 @pytest.mark.parametrize("t", [0, 2])

@@ -58,8 +58,16 @@ def test_train_resume_is_exact(tmp_path, tiny_model_dir):
     full = read_log(run)
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     for r in full:
-        assert {"loss", "student_ce", "teacher_ce", "codi", "kv", "lr", "tokens_per_s"} <= r.keys()
-        assert r["kv"] > 0 and r["codi"] > 0 and r["tokens_per_s"] > 0
+        assert {
+            "loss",
+            "student_ce",
+            "teacher_ce",
+            "codi_loss",
+            "kv_loss",
+            "lr",
+            "tokens_per_s",
+        } <= r.keys()
+        assert r["kv_loss"] > 0 and r["codi_loss"] > 0 and r["tokens_per_s"] > 0
     final = run / "final"
     for f in (
         "trainable.safetensors",
@@ -82,7 +90,7 @@ def test_train_resume_is_exact(tmp_path, tiny_model_dir):
     resumed = read_log(run)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(full[2:], resumed[2:]):
-        for k in ("loss", "student_ce", "teacher_ce", "codi", "kv", "lr"):
+        for k in ("loss", "student_ce", "teacher_ce", "codi_loss", "kv_loss", "lr"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (k, a, b)
 
     # evaluate the final checkpoint through the CLI
@@ -129,9 +137,9 @@ def test_length_filter_counts_skips(tmp_path, tiny_model_dir, capsys):
     )
     assert main(["train", str(cfg), "--no-progress"]) == 0
     stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
-    assert stats["skipped"]["question"] > 0
+    assert stats["skipped"]["question_too_long"] > 0
     assert stats["kept"] + sum(stats["skipped"].values()) == 24
-    assert f"skipped {stats['skipped']['question']}" in capsys.readouterr().out
+    assert f"skipped {stats['skipped']['question_too_long']}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("method", ["cot", "nocot"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,24 +17,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 
 from kava.attention import ATTN_IMPLEMENTATION, causal_padding_mask
 from kava.config import KavaConfig, LoraConfig, ModelConfig
+from kava.tokens import BOT, EOT, LATENT, PAD, special_ids
 
 log = logging.getLogger(__name__)
 
-BOT, EOT, LATENT, PAD = "<bot>", "<eot>", "<latent>", "<kava_pad>"
-NEW_TOKENS = (BOT, EOT, LATENT, PAD)
 SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    bot: int
-    eot: int
-    latent: int
-    pad: int
-    eos: int
-    bos: int | None  # prepended to the question when the tokenizer normally adds one
 
 
 def default_device() -> torch.device:
@@ -115,21 +103,6 @@ def load_tokenizer(source: str, gguf_file: str | None = None) -> PreTrainedToken
     tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     tok.add_special_tokens({"additional_special_tokens": [BOT, EOT, LATENT], "pad_token": PAD})
     return tok
-
-
-def special_ids(tok: PreTrainedTokenizerBase) -> SpecialIds:
-    ids = tok.convert_tokens_to_ids([BOT, EOT, LATENT, PAD])
-    if tok.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token; kava needs one to end answers")
-    if tok.pad_token_id == tok.eos_token_id:
-        raise ValueError("pad must not be eos (eos would stop being supervised)")
-    probe = tok("1").input_ids
-    bos = (
-        tok.bos_token_id
-        if tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
-        else None
-    )
-    return SpecialIds(*ids, eos=tok.eos_token_id, bos=bos)
 
 
 class Backbone(nn.Module):
@@ -262,11 +235,12 @@ def build_backbone(cfg: KavaConfig) -> Backbone:
 
     Training and checkpoint loading both build through here, so a checkpoint always
     holds exactly the tensors a fresh backbone of its config trains. ``prj`` is frozen
-    where it is never used: no latents (cot, nocot) or no Jacobi iteration (T=0, pause
-    tokens). Every trainable tensor must reach the loss (DDP requires it).
+    where it is never used: a method without projected latents (kava.methods
+    ``uses_projection``) or no Jacobi iteration (T=0, pause tokens). Every trainable
+    tensor must reach the loss (DDP requires it).
     """
     backbone = Backbone.from_config(cfg.model, cfg.lora, cfg.latent.use_projection)
-    if not cfg.is_latent or cfg.effective_iterations == 0:
+    if not cfg.method_spec.uses_projection or cfg.effective_iterations == 0:
         backbone.prj.requires_grad_(False)
     return backbone
 

@@ -7,13 +7,18 @@ import json
 import logging
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 
-DESCRIPTION = """\
+from kava.methods import METHODS, method_help
+
+DESCRIPTION = f"""\
 kava trains language models to reason in a few continuous latent tokens instead of a
 written chain of thought (KaVa: compressed KV-cache distillation, arXiv 2510.02312), and
-trains and evaluates the methods it is compared with (CoT, No-CoT, CODI, PCCoT).
+trains and evaluates the methods it is compared with, in the paper's order:
+
+{method_help()}
 
   kava demo                              offline demo on CPU (SmolLM2-135M, synthetic data)
   kava train configs/llama1b-gsm8k-aug.yaml --set train.output_dir=runs/x
@@ -51,9 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a model from a YAML config",
-        description="Train a model (method kava, pccot, codi, cot or nocot) from a YAML config. "
-        "Writes config.yaml, log.jsonl, tb/ (TensorBoard), checkpoints/step-N and final/ "
-        "into train.output_dir.",
+        description=textwrap.fill(
+            "Train a model from a YAML config (the key `method` picks one of: "
+            f"{', '.join(METHODS)}; e.g. --set method=pccot). Writes config.yaml, log.jsonl, "
+            "tb/ (TensorBoard), checkpoints/step-N and final/ into train.output_dir.",
+            width=88,
+        )
+        + f"\n\nmethods:\n{method_help()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="YAML config file (e.g. configs/demo.yaml)")
     _add_overrides(p)
@@ -68,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="evaluate a checkpoint (or an untrained base model) on datasets",
-        description="Batched greedy evaluation: latent inference for kava/pccot/codi, written CoT for "
-        "cot, direct answer for nocot. Prints accuracy and mean forward passes per question; writes "
+        description="Batched greedy evaluation, each method the way it was trained (latent "
+        "inference, written CoT or a direct answer). Prints the accuracy and the forward passes "
+        "per question; writes "
         "<out>/<dataset>/metrics.json and predictions.jsonl. Datasets: gsm8k, gsm-hard, svamp, "
         "multiarith, gsm8k-aug-valid, gsm8k-aug-test, synthetic, a file path, or a Hub id.",
     )
@@ -358,7 +369,7 @@ def cmd_inspect(args) -> int:
     parsed = pred["parsed"]
     shown = "(no number)" if parsed is None else f"{parsed:g}"
     print(f"answer: {shown} (generated {pred['prediction']!r}, {pred['passes']} forward passes)")
-    if cfg.is_latent:
+    if cfg.method_spec.inference == "jacobi":
         rows = probe_latents(backbone, cfg, args.question, args.top_k)
         print(
             f"\nlatents (M={cfg.latent.num_latents}, T={cfg.effective_iterations}; "
@@ -369,7 +380,7 @@ def cmd_inspect(args) -> int:
             {"slot": r.slot, "lm_head": r.output, "nearest_embeddings": r.input} for r in rows
         ]
     else:
-        print(f"\n(method {cfg.method} has no latent tokens)")
+        print(f"\n(method {cfg.method} has no Jacobi latent tokens to probe)")
     if args.cot:
         steps = split_cot(args.cot)
         answer = args.answer

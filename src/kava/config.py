@@ -16,8 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-METHODS = ("kava", "pccot", "codi", "cot", "nocot")
-LATENT_METHODS = ("kava", "pccot", "codi")
+from kava.methods import DEFAULT_METHOD, METHODS, Method
 
 
 class ConfigError(ValueError):
@@ -125,7 +124,7 @@ class EvalConfig:
 
 @dataclass
 class KavaConfig:
-    method: Literal["kava", "pccot", "codi", "cot", "nocot"] = "kava"
+    method: str = DEFAULT_METHOD  # a name of kava.methods.METHODS
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
@@ -143,20 +142,30 @@ class KavaConfig:
     def __post_init__(self) -> None:
         validate(self)
 
-    # --- method presets -------------------------------------------------------------
+    # --- what the method makes of the keys (kava.methods) ------------------------------
+    @property
+    def method_spec(self) -> Method:
+        """The methods-table entry of ``method``."""
+        return METHODS[self.method]
+
     @property
     def is_latent(self) -> bool:
-        return self.method in LATENT_METHODS
+        return self.method_spec.latent
+
+    @property
+    def effective_alpha1(self) -> float:
+        """CODI-loss weight after the method: only the distillation methods have it."""
+        return self.alpha1 if self.method_spec.codi_loss else 0.0
 
     @property
     def effective_alpha2(self) -> float:
-        """KV-loss weight after the method preset: PCCoT and CODI have no KV loss."""
-        return self.alpha2 if self.method == "kava" else 0.0
+        """KV-loss weight after the method: only KaVa has the KV loss."""
+        return self.alpha2 if self.method_spec.kv_loss else 0.0
 
     @property
     def effective_iterations(self) -> int:
-        """Jacobi iterations after the preset: CODI is sequential, i.e. T >= M."""
-        if self.method == "codi":
+        """Jacobi iterations after the method: a sequential one (CODI) runs T >= M."""
+        if self.method_spec.sequential:
             return max(self.latent.num_iterations, self.latent.num_latents)
         return self.latent.num_iterations
 
@@ -263,6 +272,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 def validate(cfg: KavaConfig) -> None:
     """Range checks that types alone cannot express."""
+    _check(cfg.method in METHODS, "method", f"{cfg.method!r} is not one of {list(METHODS)}")
     _check(cfg.latent.num_latents >= 1, "latent.num_latents", "must be >= 1")
     _check(cfg.latent.num_iterations >= 0, "latent.num_iterations", "must be >= 0")
     _check(cfg.lora.r >= 1, "lora.r", "must be >= 1")

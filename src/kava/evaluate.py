@@ -1,15 +1,17 @@
 """Accuracy and forward-pass evaluation (METHOD.md section 5).
 
 ``evaluate(backbone, cfg, examples)`` greedily decodes every question the way the method
-was trained, parses the number, and reports accuracy next to the mean forward passes:
+was trained (its ``kava.methods`` entry: ``eval_prompt``, ``inference``, ``writes_cot``),
+parses the number, and reports accuracy next to the mean forward passes:
 
-* latent (kava / pccot / codi): ``question ++ <bot>`` left-padded, then M latents, T
-  Jacobi iterations, ``<eot> ++ prompt`` and the answer (``1 + T + n_generated`` passes);
-* ``cot``: the question; the model writes its CoT, " The answer is: N" and eos;
-* ``nocot``: ``question ++ prompt``; the model writes the answer and eos.
+* ``jacobi`` latents (KaVa, PCCoT, CODI): ``question ++ <bot>`` left-padded, then M
+  latents, T Jacobi iterations, ``<eot> ++ prompt`` and the answer
+  (``1 + T + n_generated`` passes);
+* written CoT (CoT): the question; the model writes its CoT, " The answer is: N" and eos;
+* direct answer (No-CoT): ``question ++ prompt``; the model writes the answer and eos.
 
-Parsing: the number after the last answer prompt, else the last number in the text. The
-latent and No-CoT generations start after the prompt, so it is prepended before parsing.
+Parsing: the number after the last answer prompt, else the last number in the text. A
+generation that starts after the prompt gets it prepended before parsing.
 """
 
 from __future__ import annotations
@@ -71,9 +73,12 @@ def answers_match(pred: float | None, gold: str) -> bool:
     return abs(pred - float(gold.replace(",", ""))) < TOLERANCE
 
 
-def parse_prediction(text: str, method: str, answer_prompt: str = ANSWER_PROMPT) -> float | None:
-    """Parse a generated text. CoT writes the prompt itself; latent / No-CoT start after it."""
-    if method != "cot":
+def parse_prediction(
+    text: str, writes_cot: bool, answer_prompt: str = ANSWER_PROMPT
+) -> float | None:
+    """Parse a generated text. A method that ``writes_cot`` writes the prompt itself; the
+    others start generating after it."""
+    if not writes_cot:
         text = f"{answer_prompt.strip()} {text}"
     return extract_answer(text, answer_prompt)
 
@@ -82,7 +87,7 @@ def parse_prediction(text: str, method: str, answer_prompt: str = ANSWER_PROMPT)
 class Prompts:
     """Unpadded token-id inputs of a list of questions, in the order of the examples."""
 
-    # latent: bos? + question + <bot>; cot: bos? + question; nocot: bos? + question + prompt
+    # per the method's eval_prompt: bos? + question (+ <bot> | + prompt)
     rows: list[list[int]]
     # " The answer is:" ids: the latent methods read them after <eot> before decoding
     answer_prompt: list[int]
@@ -92,15 +97,13 @@ def question_prompts(backbone: Backbone, cfg: KavaConfig, examples: Sequence[Exa
     """Tokenize the questions with ``kava.batching.encode``, exactly as in training."""
     tok, ids = backbone.tokenizer, backbone.ids
     prompt = encode("", (), "", tok, ids, answer_prompt=cfg.answer_prompt).prompt
+    suffix = {"question": [], "question_prompt": prompt, "question_bot": [ids.bot]}[
+        cfg.method_spec.eval_prompt
+    ]
     rows = []
     for ex in examples:
         question = encode(ex.question, (), ex.answer, tok, ids, cfg.answer_prompt).question
-        if cfg.is_latent:
-            rows.append(question + [ids.bot])
-        elif cfg.method == "nocot":
-            rows.append(question + prompt)
-        else:
-            rows.append(question)
+        rows.append(question + suffix)
     return Prompts(rows, prompt)
 
 
@@ -108,7 +111,8 @@ def generate(
     backbone: Backbone, cfg: KavaConfig, rows: list[list[int]], answer_prompt: list[int]
 ) -> Generation:
     """Greedy generation for one batch of ``question_prompts`` rows (left-padded here)."""
-    if cfg.is_latent:
+    spec = cfg.method_spec
+    if spec.inference == "jacobi":
         device = backbone.new_token_embeddings.device
         question_ids = pad_rows(rows, backbone.ids.pad, left=True).to(device)  # [B, S_q]
         question_mask = pad_rows([[1] * len(r) for r in rows], 0, left=True).bool().to(device)
@@ -121,7 +125,9 @@ def generate(
             num_iterations=cfg.effective_iterations,
             max_new_tokens=cfg.eval.max_new_tokens,
         )
-    max_new = cfg.eval.cot_max_new_tokens if cfg.method == "cot" else cfg.eval.max_new_tokens
+    if spec.inference != "text":
+        raise NotImplementedError(f"no generation for inference {spec.inference!r}")
+    max_new = cfg.eval.cot_max_new_tokens if spec.writes_cot else cfg.eval.max_new_tokens
     return generate_text(backbone, rows, max_new)
 
 
@@ -176,7 +182,9 @@ def evaluate(
                 idx = order[lo : lo + batch_size]
                 gen = generate(backbone, cfg, [prompts.rows[i] for i in idx], prompts.answer_prompt)
                 for j, i in enumerate(idx):
-                    parsed = parse_prediction(gen.texts[j], cfg.method, cfg.answer_prompt)
+                    parsed = parse_prediction(
+                        gen.texts[j], cfg.method_spec.writes_cot, cfg.answer_prompt
+                    )
                     records[i] = {
                         "index": i,
                         "question": examples[i].question,

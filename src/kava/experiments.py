@@ -7,7 +7,7 @@ A spec is a YAML file (see ``experiments/`` for ready-made ones)::
     base: llama1b-gsm8k-aug                # config file (relative to the spec, or the cwd)
                                            # or a packaged config name; default: the defaults
     overrides: {train.max_steps: 100}      # dotted keys applied to every run
-    methods: [cot, nocot, codi, pccot, kava]
+    methods: [cot, nocot, codi, pccot, kava]   # names of kava.methods.METHODS
     seeds: [0, 1, 2]                       # train.seed of each run
     grid: {rkv.method: [rkv, crop]}        # optional: cartesian product over these keys
     eval: {datasets: [gsm8k, svamp], limit: 500}   # eval.* keys for every run
@@ -42,7 +42,6 @@ from typing import Any
 import yaml
 
 from kava.config import (
-    METHODS,
     ConfigError,
     KavaConfig,
     apply_overrides,
@@ -50,6 +49,7 @@ from kava.config import (
     read_config_data,
     resolve_config_path,
 )
+from kava.methods import METHODS
 
 log = logging.getLogger(__name__)
 

@@ -86,8 +86,8 @@ def probe_latents(
     backbone: Backbone, cfg: KavaConfig, question: str, top_k: int = 5
 ) -> list[LatentProbe]:
     """Top-k vocabulary tokens of every latent slot (see the module docstring)."""
-    if not cfg.is_latent:
-        raise ValueError(f"method {cfg.method!r} has no latent tokens (kava, pccot, codi have)")
+    if cfg.method_spec.inference != "jacobi":
+        raise ValueError(f"method {cfg.method!r} has no Jacobi latent tokens to probe")
     x, h, _ = last_latent_pass(backbone, cfg, question)
     n_vocab = backbone.first_new_id  # ids from here on are kava's tokens (or spare rows)
     probs = torch.softmax(backbone.logits(h)[:, :n_vocab], dim=-1)  # [M, V]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kava.batching import IGNORE
+from kava.tokens import IGNORE
 
 DISTANCES = ("smooth_l1", "mse", "l1")
 

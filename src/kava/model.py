@@ -1,9 +1,10 @@
 """Teacher and student passes and the combined KaVa objective (METHOD.md sections 1-3).
 
-``KavaModel(backbone, cfg)(batch)`` runs, for the latent methods (kava, pccot, codi):
-teacher pass (CE + captured CoT keys/values and answer-span queries) -> eviction to M
-entries per (layer, KV head) -> student pass 0 + T Jacobi iterations + answer pass ->
-losses. For ``cot``/``nocot`` it is plain SFT on the teacher sequence.
+``KavaModel(backbone, cfg)(batch)`` runs, for the methods whose objective is ``distill``
+(kava.methods: KaVa, PCCoT, CODI): teacher pass (CE + captured CoT keys/values and
+answer-span queries) -> eviction to M entries per (layer, KV head) -> student pass 0 + T
+Jacobi iterations + answer pass -> losses. For the ``sft`` objective (CoT, No-CoT) it is
+plain supervised fine-tuning on the teacher sequence.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from torch import nn
 from kava import eviction, losses
 from kava.attention import RowCapture, capture_rows, positions_from_mask
 from kava.backbone import Backbone, cache_from_kv, kv_from_cache
-from kava.batching import IGNORE, Batch, StudentBatch, TeacherBatch
+from kava.batching import Batch, StudentBatch, TeacherBatch
 from kava.config import KavaConfig
+from kava.tokens import IGNORE
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [B, H_kv, S, d]
 
@@ -236,7 +238,7 @@ class KavaModel(nn.Module):
         self.generator = torch.Generator().manual_seed(cfg.rkv.seed)
 
     def forward(self, batch: Batch) -> LossOutput:
-        if not self.cfg.is_latent:  # cot / nocot: supervised fine-tuning on the teacher sequence
+        if self.cfg.method_spec.objective == "sft":  # fine-tuning on the written sequence
             teacher = teacher_forward(self.backbone, batch.teacher, capture_kv=False, hidden=False)
             ce = teacher.ce
             return LossOutput(ce, {"loss": ce.detach(), "teacher_ce": ce.detach()}, teacher=teacher)
@@ -257,7 +259,7 @@ class KavaModel(nn.Module):
                 self.backbone,
                 batch.teacher,
                 capture_kv=cfg.effective_alpha2 > 0,
-                hidden=cfg.alpha1 > 0,
+                hidden=cfg.effective_alpha1 > 0,
             )
 
     def compress(self, teacher: TeacherOutput, batch: Batch) -> CompressedKV | None:
@@ -290,7 +292,7 @@ class KavaModel(nn.Module):
     ) -> LossOutput:
         """``CE_student + w_teacher * CE_teacher + alpha1 * L_CODI + alpha2 * L_KV``."""
         cfg = self.cfg
-        alpha1, alpha2, w_teacher = cfg.alpha1, cfg.effective_alpha2, cfg.teacher.weight
+        alpha1, alpha2, w_teacher = cfg.effective_alpha1, cfg.effective_alpha2, cfg.teacher.weight
         zero = student.ce.new_zeros(())
         codi, kv = zero, zero
         if alpha1 > 0:
@@ -319,8 +321,8 @@ class KavaModel(nn.Module):
             "loss": total,
             "student_ce": student.ce,
             "teacher_ce": teacher.ce,
-            "codi": codi,
-            "kv": kv,
+            "codi_loss": codi,
+            "kv_loss": kv,
         }
         metrics = {k: v.detach().float() for k, v in terms.items()}
         return LossOutput(total, metrics, teacher, student, compressed)

@@ -4,7 +4,7 @@ Reads every complete run (``runs/*/DONE.json`` for what the run is, ``runs/*/eva
 <dataset>/metrics.json`` for its numbers, ``runs/*/log.jsonl`` for its losses) and
 writes into ``<experiment>/report/``:
 
-* ``results.md``  — rows = methods in the paper's order (CoT, No-CoT, CODI, PCCoT, KaVa),
+* ``results.md``  — rows = methods in the paper's order (``kava.methods.PAPER_ORDER``),
   then the variants of a grid; per dataset "accuracy (%)" and "forward passes per
   question", each the mean ± sample std (ddof=1) over seeds (no ± with one seed); then
   one row per run;
@@ -15,8 +15,8 @@ writes into ``<experiment>/report/``:
   dataset, error bars = std over seeds: the efficiency frontier;
 * ``loss_curves.png`` — each loss term against the optimizer step, mean over seeds
   (band = ± std) per method/variant;
-* ``eviction.png`` — for a sample question, which teacher CoT tokens the first KaVa run's
-  eviction keeps per layer and KV head.
+* ``eviction.png`` — for a sample question, which teacher CoT tokens the first run with a
+  KV loss (KaVa) keeps per layer and KV head.
 """
 
 from __future__ import annotations
@@ -32,17 +32,16 @@ from typing import Any
 import numpy as np
 
 from kava.experiments import DONE, format_value
+from kava.methods import METHODS, PAPER_ORDER
 
 log = logging.getLogger(__name__)
 
-PAPER_ORDER = ("cot", "nocot", "codi", "pccot", "kava")
-METHOD_LABELS = {"cot": "CoT", "nocot": "No-CoT", "codi": "CODI", "pccot": "PCCoT", "kava": "KaVa"}
 LOSS_TERMS = (
     ("loss", "total loss"),
     ("student_ce", "student CE (answer)"),
     ("teacher_ce", "teacher CE (CoT + answer)"),
-    ("codi", "CODI loss (hidden states, before x alpha1)"),
-    ("kv", "KV loss (latent vs. evicted KV, before x alpha2)"),
+    ("codi_loss", "CODI loss (hidden states, before x alpha1)"),
+    ("kv_loss", "KV loss (latent vs. evicted KV, before x alpha2)"),
 )
 
 
@@ -75,7 +74,7 @@ class Group:
 
     @property
     def label(self) -> str:
-        name = METHOD_LABELS.get(self.method, self.method)
+        name = METHODS[self.method].label if self.method in METHODS else self.method
         if self.variant:
             name += " (" + ", ".join(f"{k}={v}" for k, v in self.variant) + ")"
         return name
@@ -593,13 +592,14 @@ def sample_example(cfg, index: int = 0):
 
 
 def eviction_figure(runs: list[RunResult], path: Path, sample: int = 0) -> str | None:
-    """Draw the eviction picture from the first complete KaVa run; returns its run name."""
+    """Draw the eviction picture from the first complete run whose method has a KV loss
+    (KaVa); returns its run name."""
 
     from kava.backbone import default_device
     from kava.checkpoint import load_checkpoint
     from kava.inspect_latents import eviction_choice
 
-    run = next((r for r in runs if r.method == "kava"), None)
+    run = next((r for r in runs if r.method in METHODS and METHODS[r.method].kv_loss), None)
     if run is None:
         return None
     backbone, cfg = load_checkpoint(run.dir / "final")

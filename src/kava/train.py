@@ -50,12 +50,10 @@ class EncodedData:
 
 
 def encode_for_method(ex: Example, backbone: Backbone, cfg: KavaConfig) -> Encoded:
-    """The teacher sequence of each method: CoT trains on the full CoT, No-CoT on none."""
-    steps, drop = ex.steps, cfg.teacher.drop_last_step
-    if cfg.method == "cot":
-        drop = False
-    elif cfg.method == "nocot":
-        steps = ()
+    """The training sequence of the method: the full CoT, the teacher's, or none."""
+    kind = cfg.method_spec.training_cot
+    steps = () if kind == "none" else ex.steps
+    drop = cfg.teacher.drop_last_step if kind == "teacher" else False
     return encode(
         ex.question, steps, ex.answer, backbone.tokenizer, backbone.ids, cfg.answer_prompt, drop
     )
@@ -66,15 +64,16 @@ def encode_examples(
 ) -> EncodedData:
     """Tokenize and apply the length filter; skips are counted per reason, never silent."""
     d = cfg.data
-    items, skipped = [], {"question": 0, "cot": 0, "answer": 0}
+    items = []
+    skipped = {"question_too_long": 0, "cot_too_long": 0, "answer_too_long": 0}
     for ex in examples:
         e = encode_for_method(ex, backbone, cfg)
         if len(e.question) > d.max_question_tokens:
-            skipped["question"] += 1
+            skipped["question_too_long"] += 1
         elif len(e.cot) > d.max_cot_tokens:
-            skipped["cot"] += 1
+            skipped["cot_too_long"] += 1
         elif len(e.answer) + 1 > d.max_answer_tokens:
-            skipped["answer"] += 1
+            skipped["answer_too_long"] += 1
         else:
             items.append(e)
     if not items:
@@ -100,7 +99,7 @@ def load_train_examples(cfg: KavaConfig) -> list[Example]:
 def batch_tokens(batch, cfg: KavaConfig) -> int:
     """Tokens processed by every pass actually run (for tokens/s)."""
     n = int(batch.teacher.attention_mask.sum())
-    if cfg.is_latent:
+    if cfg.method_spec.objective == "distill":
         s = batch.student
         b, m = s.question_ids.shape[0], cfg.latent.num_latents
         n += (
@@ -335,7 +334,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 bar.set_postfix(
                     {
                         k: f"{rec[k]:.3g}"
-                        for k in ("loss", "student_ce", "teacher_ce", "codi", "kv")
+                        for k in ("loss", "student_ce", "teacher_ce", "codi_loss", "kv_loss")
                         if k in rec
                     }
                 )
