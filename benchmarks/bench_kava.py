@@ -508,7 +508,7 @@ def bench_inference(model: KavaModel, synth: Synth, args, device, report: dict, 
         bb.lm.merge_adapter()
         merged = True
     calls = [0]
-    hook = bb.decoder.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    hook = bb.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     # Random weights would stop a row only by chance; make eos impossible so every question
     # generates exactly the requested number of tokens (the id -1 is never produced).
     real_ids = bb.ids

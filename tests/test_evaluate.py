@@ -53,7 +53,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def config(method: str):
+def config(method: str, merge_lora: bool = True):
     return load_config(
         overrides=[
             f"method={method}",
@@ -61,6 +61,7 @@ def config(method: str):
             "latent.num_iterations=1",
             f"eval.max_new_tokens={MAX_NEW}",
             f"eval.cot_max_new_tokens={COT_MAX_NEW}",
+            f"eval.merge_lora={str(merge_lora).lower()}",
         ]
     )
 
@@ -233,7 +234,7 @@ def test_batching_does_not_change_predictions(make_backbone, tmp_path, method, a
     bb = make_backbone(arch, init_range=INIT_RANGE)
     if eos_bonus is not None:
         numbers_only(bb, eos_bonus)
-    cfg = config(method)
+    cfg = config(method, merge_lora=eos_bonus is None)  # numbers_only patches this instance
     exs = examples()
     lens = [len(r) for r in question_prompts(bb, cfg, exs).rows]
     assert max(lens) > 3 * min(lens)
@@ -249,7 +250,9 @@ def test_batching_does_not_change_predictions(make_backbone, tmp_path, method, a
 
 
 def numbers_only(bb, eos_bonus: float | None = None):
-    """Mask the logits to digits (and eos, raised by ``eos_bonus``, if given).
+    """Mask the logits to digits (and eos, raised by ``eos_bonus``, if given) of this
+    backbone instance (evaluate with ``eval.merge_lora=false``: a merged copy would not
+    carry the patch).
 
     Generations are then always numbers; with eos allowed, rows stop at different steps.
     """
@@ -268,7 +271,7 @@ def numbers_only(bb, eos_bonus: float | None = None):
 def test_accuracy_follows_gold(make_backbone, tmp_path, method):
     """Gold = what the model writes -> accuracy 1.0; gold off by one -> 0.0; half -> 0.5."""
     bb = numbers_only(make_backbone(init_range=INIT_RANGE))
-    cfg = config(method)
+    cfg = config(method, merge_lora=False)  # numbers_only patches this instance
     exs = examples()[:4]
     evaluate(bb, cfg, exs, out_dir=tmp_path, progress=False)
     parsed = [r["parsed"] for r in read_predictions(tmp_path)]
@@ -307,3 +310,23 @@ def test_return_predictions(make_backbone, tmp_path):
     assert set(m) == METRIC_KEYS | {"predictions"}
     assert m["predictions"] == read_predictions(tmp_path)
     assert set(json.loads((tmp_path / "metrics.json").read_text())) == METRIC_KEYS
+
+
+@pytest.mark.parametrize(("method", "arch"), [("kava", "llama"), ("cot", "qwen2")])
+def test_merged_lora_copy_predicts_what_the_adapters_do(make_backbone, tmp_path, method, arch):
+    """eval.merge_lora evaluates a merged copy: same predictions, trained weights untouched."""
+    bb = make_backbone(arch, init_range=INIT_RANGE)
+    before = {n: p.detach().clone() for n, p in bb.named_parameters()}
+    exs = examples()
+    evaluate(bb, config(method, True), exs, out_dir=tmp_path / "m", progress=False)
+    evaluate(bb, config(method, False), exs, out_dir=tmp_path / "u", progress=False)
+    merged, plain = read_predictions(tmp_path / "m"), read_predictions(tmp_path / "u")
+    assert len({r["prediction"] for r in plain}) > 1
+    assert [r["prediction"] for r in merged] == [r["prediction"] for r in plain]
+    assert [r["passes"] for r in merged] == [r["passes"] for r in plain]
+    after = dict(bb.named_parameters())
+    assert any("lora_B" in n for n in after)
+    for n, p in after.items():
+        assert torch.equal(p, before[n]), n
+    copy = bb.merged_copy()
+    assert not any("lora" in n for n, _ in copy.named_parameters())

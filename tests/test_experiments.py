@@ -435,10 +435,10 @@ def test_shards_partition_the_runs(tmp_path, capsys):
 
 def test_inspect_latents_and_eviction(grid, tmp_path, capsys):
     from kava.attention import positions_from_mask
-    from kava.backbone import cache_from_kv, kv_from_cache
     from kava.batching import collate_teacher, encode
     from kava.checkpoint import load_checkpoint
     from kava.inspect_latents import eviction_choice, last_latent_pass
+    from kava.kv import KVCache
     from kava.model import compress_teacher_kv, teacher_forward
 
     final = grid["dir"] / "runs" / "kava__seed0" / "final"
@@ -464,14 +464,9 @@ def test_inspect_latents_and_eviction(grid, tmp_path, capsys):
     # the probed pass is the last latent pass: re-running it on x reproduces its KV
     with torch.no_grad():
         x, h, state = last_latent_pass(bb.eval(), cfg, question)
-        rerun = bb(
-            x[None],
-            state.key_mask,
-            positions_from_mask(state.key_mask, m),
-            cache=cache_from_kv(state.question_kv),
-        )
-    s_q = state.key_mask.shape[1] - m
-    for (k, v), (k0, v0) in zip(kv_from_cache(rerun.past_key_values, s_q), state.latent_kv):
+        cache = KVCache.growing(state.question_kv)
+        rerun = bb(x[None], state.key_mask, positions_from_mask(state.key_mask, m), cache)
+    for (k, v), (k0, v0) in zip(cache.new, state.latent_kv):
         torch.testing.assert_close(k, k0)
         torch.testing.assert_close(v, v0)
     torch.testing.assert_close(rerun.last_hidden_state[0], h)

@@ -86,30 +86,46 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, kava_sdpa)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
-def causal_padding_mask(key_mask: torch.Tensor, query_len: int) -> torch.Tensor:
-    """4D boolean attention mask for a pass whose queries are the last ``query_len`` keys.
+def _query_columns(key_mask: torch.Tensor, query_len: int, query_start) -> torch.Tensor:
+    """``[S_q]`` key columns of the pass's queries: ``query_start + i`` (default: the last
+    ``query_len`` columns). ``query_start`` may be a 0-dim device tensor (CUDA graphs)."""
+    if query_start is None:
+        query_start = key_mask.shape[1] - query_len
+    return query_start + torch.arange(query_len, device=key_mask.device)
+
+
+def causal_padding_mask(
+    key_mask: torch.Tensor, query_len: int, query_start: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """4D boolean attention mask for a pass whose queries sit at key columns
+    ``[query_start, query_start + query_len)`` (default: the last ``query_len`` columns).
 
     ``key_mask``: ``[B, S_k]`` bool, True = real token, over cache + current tokens in
     column order. Returns ``[B, 1, S_q, S_k]`` (True = may attend): key j is visible to
-    query i iff it is real and ``j <= S_k - S_q + i``. A query row with nothing visible
+    query i iff it is real and ``j <= query_start + i``. A query row with nothing visible
     (a pad query) attends to every column instead, so SDPA never sees an all-masked row
     (NaN); such rows are padding and never read.
     """
-    s_k = key_mask.shape[1]
-    q_pos = torch.arange(s_k - query_len, s_k, device=key_mask.device)
-    k_pos = torch.arange(s_k, device=key_mask.device)
+    q_pos = _query_columns(key_mask, query_len, query_start)
+    k_pos = torch.arange(key_mask.shape[1], device=key_mask.device)
     causal = k_pos[None, :] <= q_pos[:, None]  # [S_q, S_k]
     mask = causal[None, None] & key_mask[:, None, None, :].bool()
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
-def positions_from_mask(key_mask: torch.Tensor, query_len: int) -> torch.Tensor:
-    """``position_ids = cumsum(mask) - 1`` for the last ``query_len`` columns.
+def positions_from_mask(
+    key_mask: torch.Tensor, query_len: int, query_start: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """``position_ids = cumsum(mask) - 1`` at the pass's query columns (default: the last
+    ``query_len`` columns; see ``causal_padding_mask``).
 
     Left pads get 0, right pads repeat the last real position; pads are masked as keys
     and their outputs are never read, so their positions do not matter.
 
     ``key_mask``: ``[B, S_k]`` over cache + current tokens. Returns ``[B, S_q]`` long.
     """
-    pos = key_mask.long().cumsum(-1) - 1
-    return pos[:, -query_len:].clamp(min=0)
+    pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if query_start is None:
+        return pos[:, -query_len:]
+    cols = _query_columns(key_mask, query_len, query_start)
+    return pos.index_select(1, cols)

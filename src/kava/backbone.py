@@ -6,17 +6,28 @@ and generation (kava.inference) only call ``embed``, ``forward`` and ``logits``.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import importlib.util
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from kava.attention import ATTN_IMPLEMENTATION, causal_padding_mask
+from kava import layers
+from kava.attention import (
+    ATTN_IMPLEMENTATION,
+    RowCapture,
+    capture_rows,
+    causal_padding_mask,
+    gather_rows,
+)
 from kava.config import KavaConfig, LoraConfig, ModelConfig
+from kava.kv import KVCache, cache_keyword
 from kava.tokens import BOT, EOT, LATENT, PAD, special_ids
 
 log = logging.getLogger(__name__)
@@ -48,6 +59,11 @@ class Projection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.to(self.net[0].weight.dtype)).to(x.dtype)
+
+
+class PassOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # [B, S, D] after the final norm
+    hidden_states: tuple[torch.Tensor, ...] | None  # embeddings + every layer (HF's convention)
 
 
 def cache_dir() -> Path:
@@ -139,6 +155,12 @@ class Backbone(nn.Module):
         never[self.first_new_id : self.first_new_id + 4] = True
         self.register_buffer("never_predicted", never, persistent=False)
         self.hidden_size = dim
+        self._cache_kw = cache_keyword(self.decoder)
+        # kava's own layer loop (kava.layers) where the architecture allows, else HF's
+        self.fast_path_blocker = layers.unsupported_reason(self.decoder)
+        self.fast = self.fast_path_blocker is None
+        self._layer_fn = layers.layer_pass
+        self._checkpoint = False
 
     # --- building ----------------------------------------------------------------------
     @classmethod
@@ -195,27 +217,68 @@ class Backbone(nn.Module):
         inputs_embeds: torch.Tensor,
         key_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        cache: DynamicCache | None = None,
+        cache: KVCache | None = None,
         output_hidden_states: bool = False,
-    ):
+        query_start: int | torch.Tensor | None = None,
+        capture: RowCapture | None = None,
+    ) -> PassOutput:
         """One pass of the decoder over ``inputs_embeds [B, S, D]``.
 
-        ``key_mask [B, S_cache + S]`` marks real tokens over cache + inputs;
-        ``position_ids [B, S]``. Returns the decoder output: ``last_hidden_state``
-        (after the final norm), ``past_key_values`` (= ``cache``, updated in place) and,
-        if asked, ``hidden_states`` (embeddings + every layer).
+        ``key_mask [B, S_k]`` marks real tokens over every key column the pass attends to
+        (the cache's columns, then the new ones; for a static cache its whole length);
+        ``position_ids [B, S]``; ``query_start``: the key column of the first new token
+        (default: the new tokens are the last ``S`` columns). ``cache``: a
+        ``kava.kv.KVCache`` (a fresh growing one when None) that the pass writes into.
+        ``capture``: rows of the queries / keys / values to keep (teacher pass; a cache
+        without prefix). Returns ``last_hidden_state`` (after the final norm) and, if
+        asked, ``hidden_states`` (embeddings + every layer, HF's convention).
         """
         if cache is None:
-            cache = DynamicCache()
-        mask = causal_padding_mask(key_mask, inputs_embeds.shape[1])
-        return self.decoder(
-            inputs_embeds=inputs_embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            output_hidden_states=output_hidden_states,
-        )
+            cache = KVCache.growing()
+        mask = causal_padding_mask(key_mask, inputs_embeds.shape[1], query_start)
+        if not self.fast:
+            with capture_rows(capture) if capture is not None else contextlib.nullcontext():
+                out = self.decoder(
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=mask,
+                    position_ids=position_ids,
+                    use_cache=True,
+                    output_hidden_states=output_hidden_states,
+                    **{self._cache_kw: cache},
+                )
+            return PassOutput(out.last_hidden_state, out.hidden_states)
+        if capture is not None and cache.prefix:
+            raise ValueError("row capture reads a pass without a cache prefix (teacher pass)")
+        h = inputs_embeds
+        cos, sin = self.decoder.rotary_emb(h, position_ids=position_ids)
+        hidden = [h] if output_hidden_states else None
+        query_index = capture.query_index if capture is not None else None
+        for i, layer in enumerate(self.layers):
+            if cache.is_static:
+                q, k, v = layers.attention_inputs(layer, h, cos, sin)
+                keys, values = cache.write(i, k, v)
+                h = layers.attention_output(layer, h, q, keys, values, mask)
+            else:
+                h, k, v, q_rows = self._run_layer(
+                    layer, h, cos, sin, mask, cache.segments(i), query_index
+                )
+                cache.record(i, k, v)
+                if capture is not None:
+                    capture.queries[i] = q_rows
+                    capture.keys[i] = gather_rows(k.detach(), capture.key_index)
+                    capture.values[i] = gather_rows(v.detach(), capture.key_index)
+            if hidden is not None and i < len(self.layers) - 1:
+                hidden.append(h)
+        h = self.decoder.norm(h)
+        if hidden is not None:
+            hidden.append(h)
+        return PassOutput(h, tuple(hidden) if hidden is not None else None)
+
+    def _run_layer(self, *args):
+        """``kava.layers.layer_pass``, compiled and/or checkpointed as configured."""
+        if self._checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._layer_fn, *args, use_reentrant=False)
+        return self._layer_fn(*args)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` final hidden states -> ``[..., V]`` float32 logits over real tokens.
@@ -228,6 +291,68 @@ class Backbone(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    # --- speed options ---------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    def merged_copy(self) -> Backbone:
+        """A frozen copy for inference with LoRA merged into the base weights, every tensor
+        in the frozen weights' dtype (bf16 on CUDA). ``self`` is not modified."""
+        lm = copy.deepcopy(self.lm)
+        if hasattr(lm, "merge_and_unload"):  # a peft model
+            lm = lm.merge_and_unload()
+        dtype = lm.get_input_embeddings().weight.dtype
+        merged = Backbone(lm, self.tokenizer, use_projection=isinstance(self.prj, Projection))
+        merged.new_token_embeddings.data.copy_(self.new_token_embeddings.detach())
+        merged.prj.load_state_dict(self.prj.state_dict())
+        merged.to(dtype)
+        return merged.requires_grad_(False).eval()
+
+    def lora_input_cast(self, enabled: bool) -> None:
+        """peft casts each LoRA input to the adapter's dtype (fp32): under bf16 autocast the
+        matmul casts it back, so the fp32 copy is pure memory traffic. Off under autocast."""
+        for module in self.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = enabled
+
+    def checkpoint_layers(self) -> None:
+        """Recompute each decoder layer in backward (non-reentrant ``torch.utils.checkpoint``).
+
+        Not HF's ``gradient_checkpointing_enable``: that drops the cache inside checkpointed
+        layers (``cache=None``), so the student passes would lose the question KV and the
+        latent KV would never reach the KV loss. Here a layer runs unchanged, its cache
+        writes included, and the K/V it returns stay in the autograd graph.
+        """
+        self._checkpoint = True
+        if not self.fast:
+            for layer in self.layers:
+                if not getattr(layer, "_kava_checkpointed", False):
+                    layer.forward = _checkpointed(layer.forward)
+                    layer._kava_checkpointed = True
+
+    def compile_layers(self, **options) -> None:
+        """``torch.compile`` the layer pass (``options`` go to ``torch.compile``): kava's
+        ``layers.layer_pass`` on the fast path (one graph for every layer), else each HF
+        layer."""
+        if self.fast:
+            self._layer_fn = torch.compile(layers.layer_pass, **options)
+        else:
+            log.warning(
+                "compiling HF's layers (%s): expect one variant per layer", self.fast_path_blocker
+            )
+            for layer in self.layers:
+                layer.compile(**options)
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def build_backbone(cfg: KavaConfig) -> Backbone:
@@ -243,19 +368,3 @@ def build_backbone(cfg: KavaConfig) -> Backbone:
     if not cfg.method_spec.uses_projection or cfg.effective_iterations == 0:
         backbone.prj.requires_grad_(False)
     return backbone
-
-
-def cache_from_kv(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A fresh cache holding ``kv`` (per layer ``[B, H_kv, S, d]`` keys and values).
-
-    The tensors are not copied; the next ``update`` concatenates new rows onto them
-    into new tensors, so ``kv`` itself is never mutated and can be reused.
-    """
-    return DynamicCache(ddp_cache_data=kv)
-
-
-def kv_from_cache(cache: DynamicCache, start: int = 0, stop: int | None = None):
-    """Per-layer ``(k, v)`` column slices ``[B, H_kv, stop-start, d]`` of ``cache``."""
-    return [
-        (layer.keys[:, :, start:stop], layer.values[:, :, start:stop]) for layer in cache.layers
-    ]

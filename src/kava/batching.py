@@ -99,15 +99,21 @@ class Batch:
         return Batch(move(self.teacher), move(self.student))
 
 
-def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+def pad_rows(
+    rows: list[list[int]], value: int, left: bool = False, multiple_of: int = 1
+) -> torch.Tensor:
+    """``[len(rows), W]`` long: rows padded with ``value`` (on the left or the right) to the
+    longest, rounded up to a multiple of ``multiple_of`` (length buckets: compiled code
+    and CUDA graphs then meet a few shapes instead of one per batch)."""
     width = max((len(r) for r in rows), default=0)
+    width = -(-width // multiple_of) * multiple_of
     out = [
         ([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows
     ]
     return torch.tensor(out, dtype=torch.long).reshape(len(rows), width)
 
 
-def collate_teacher(items: Sequence[Encoded], ids: SpecialIds) -> TeacherBatch:
+def collate_teacher(items: Sequence[Encoded], ids: SpecialIds, bucket: int = 1) -> TeacherBatch:
     seqs, labels, cot_idx, ans_idx, distill = [], [], [], [], []
     for e in items:
         q, c, p, a = len(e.question), len(e.cot), len(e.prompt), len(e.answer) + 1
@@ -116,12 +122,13 @@ def collate_teacher(items: Sequence[Encoded], ids: SpecialIds) -> TeacherBatch:
         cot_idx.append(list(range(q, q + c)))
         ans_idx.append(list(range(q + c, q + c + p + a)))
         distill.append(q + c + p - 1)
-    input_ids = pad_rows(seqs, ids.pad)
-    cot_index, ans_index = pad_rows(cot_idx, -1), pad_rows(ans_idx, -1)
+    input_ids = pad_rows(seqs, ids.pad, multiple_of=bucket)
+    cot_index = pad_rows(cot_idx, -1, multiple_of=bucket)
+    ans_index = pad_rows(ans_idx, -1, multiple_of=bucket)
     return TeacherBatch(
         input_ids=input_ids,
-        attention_mask=pad_rows([[1] * len(s) for s in seqs], 0).bool(),
-        labels=pad_rows(labels, IGNORE),
+        attention_mask=pad_rows([[1] * len(s) for s in seqs], 0, multiple_of=bucket).bool(),
+        labels=pad_rows(labels, IGNORE, multiple_of=bucket),
         cot_index=cot_index.clamp(min=0),
         cot_mask=cot_index >= 0,
         answer_index=ans_index.clamp(min=0),
@@ -130,20 +137,22 @@ def collate_teacher(items: Sequence[Encoded], ids: SpecialIds) -> TeacherBatch:
     )
 
 
-def collate_student(items: Sequence[Encoded], ids: SpecialIds) -> StudentBatch:
+def collate_student(items: Sequence[Encoded], ids: SpecialIds, bucket: int = 1) -> StudentBatch:
     questions = [e.question + [ids.bot] for e in items]
     answers = [[ids.eot] + e.prompt + e.answer + [ids.eos] for e in items]
     prompt_lens = {len(e.prompt) for e in items}
     if len(prompt_lens) != 1:
         raise ValueError("the answer prompt must tokenize to the same length in every row")
-    question_ids = pad_rows(questions, ids.pad, left=True)
-    answer_ids = pad_rows(answers, ids.pad)
-    answer_mask = pad_rows([[1] * len(a) for a in answers], 0).bool()
+    question_ids = pad_rows(questions, ids.pad, left=True, multiple_of=bucket)
+    answer_ids = pad_rows(answers, ids.pad, multiple_of=bucket)
+    answer_mask = pad_rows([[1] * len(a) for a in answers], 0, multiple_of=bucket).bool()
     labels = answer_ids.masked_fill(~answer_mask, IGNORE)
     labels[:, 0] = IGNORE  # <eot> is given, not predicted
     return StudentBatch(
         question_ids=question_ids,
-        question_mask=pad_rows([[1] * len(q) for q in questions], 0, left=True).bool(),
+        question_mask=pad_rows(
+            [[1] * len(q) for q in questions], 0, left=True, multiple_of=bucket
+        ).bool(),
         answer_ids=answer_ids,
         answer_mask=answer_mask,
         answer_labels=labels,
@@ -151,5 +160,6 @@ def collate_student(items: Sequence[Encoded], ids: SpecialIds) -> StudentBatch:
     )
 
 
-def collate(items: Sequence[Encoded], ids: SpecialIds) -> Batch:
-    return Batch(collate_teacher(items, ids), collate_student(items, ids))
+def collate(items: Sequence[Encoded], ids: SpecialIds, bucket: int = 1) -> Batch:
+    """Teacher and student batches; every padded dimension a multiple of ``bucket``."""
+    return Batch(collate_teacher(items, ids, bucket), collate_student(items, ids, bucket))

@@ -32,7 +32,7 @@ from kava.backbone import Backbone
 from kava.batching import encode, pad_rows
 from kava.config import KavaConfig
 from kava.data import Example
-from kava.inference import Generation, generate_latent, generate_text
+from kava.inference import Generation, Generator
 
 ANSWER_PROMPT = "The answer is:"
 TOLERANCE = 1e-4
@@ -108,18 +108,20 @@ def question_prompts(backbone: Backbone, cfg: KavaConfig, examples: Sequence[Exa
 
 
 def generate(
-    backbone: Backbone, cfg: KavaConfig, rows: list[list[int]], answer_prompt: list[int]
+    generator: Generator, cfg: KavaConfig, rows: list[list[int]], answer_prompt: list[int]
 ) -> Generation:
-    """Greedy generation for one batch of ``question_prompts`` rows (left-padded here)."""
+    """Greedy generation for one batch of ``question_prompts`` rows, left-padded here to a
+    multiple of ``eval.bucket`` columns, the way the method answers (``inference``)."""
     spec = cfg.method_spec
+    bb = generator.bb
+    device = bb.new_token_embeddings.device
+    ids = pad_rows(rows, bb.ids.pad, left=True, multiple_of=cfg.eval.bucket).to(device)
+    mask = pad_rows([[1] * len(r) for r in rows], 0, left=True, multiple_of=cfg.eval.bucket)
+    mask = mask.bool().to(device)  # [B, S]
     if spec.inference == "jacobi":
-        device = backbone.new_token_embeddings.device
-        question_ids = pad_rows(rows, backbone.ids.pad, left=True).to(device)  # [B, S_q]
-        question_mask = pad_rows([[1] * len(r) for r in rows], 0, left=True).bool().to(device)
-        return generate_latent(
-            backbone,
-            question_ids,
-            question_mask,
+        return generator.latent(
+            ids,
+            mask,
             answer_prompt,
             num_latents=cfg.latent.num_latents,
             num_iterations=cfg.effective_iterations,
@@ -128,7 +130,15 @@ def generate(
     if spec.inference != "text":
         raise NotImplementedError(f"no generation for inference {spec.inference!r}")
     max_new = cfg.eval.cot_max_new_tokens if spec.writes_cot else cfg.eval.max_new_tokens
-    return generate_text(backbone, rows, max_new)
+    return generator.text(ids, mask, max_new)
+
+
+def inference_model(backbone: Backbone, cfg: KavaConfig) -> Backbone:
+    """What evaluation runs: with ``eval.merge_lora``, a copy with LoRA merged into the
+    frozen weights (in their dtype, bf16 on CUDA), else ``backbone`` itself."""
+    if not cfg.eval.merge_lora:
+        return backbone
+    return backbone.merged_copy()
 
 
 def evaluate(
@@ -146,8 +156,9 @@ def evaluate(
 
     Questions are batched by length (longest first, ``batch_size`` defaults to
     ``cfg.eval.batch_size``) to limit padding; results keep the order of ``examples``.
-    Runs in eval mode under ``no_grad`` (bf16 autocast on CUDA) on the device of
-    ``backbone.new_token_embeddings``; the previous train/eval mode is restored.
+    Runs in eval mode under ``no_grad`` on the device of ``backbone.new_token_embeddings``,
+    on a LoRA-merged copy (``eval.merge_lora``; ``backbone`` is left untouched) with CUDA
+    graphs on CUDA (``eval.cuda_graphs``); the previous train/eval mode is restored.
 
     With ``out_dir``: ``metrics.json`` and ``predictions.jsonl`` (one record per example
     in input order: index, question, gold, prediction, parsed, correct, passes,
@@ -163,9 +174,13 @@ def evaluate(
     prompts = question_prompts(backbone, cfg, examples)
     order = sorted(range(n), key=lambda i: len(prompts.rows[i]), reverse=True)
     device = backbone.new_token_embeddings.device
+    model = inference_model(backbone, cfg)
+    generator = Generator(model, cuda_graphs=cfg.eval.cuda_graphs and device.type == "cuda")
+    # a merged copy holds every weight in one dtype; the unmerged model mixes bf16 frozen
+    # weights with fp32 LoRA on CUDA (no autocast weight cache: CUDA graphs)
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
+        torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        if device.type == "cuda" and model is backbone
         else contextlib.nullcontext()
     )
     records: list[dict[str, Any]] = [{} for _ in range(n)]
@@ -180,7 +195,9 @@ def evaluate(
         ):
             for lo in range(0, n, batch_size):
                 idx = order[lo : lo + batch_size]
-                gen = generate(backbone, cfg, [prompts.rows[i] for i in idx], prompts.answer_prompt)
+                gen = generate(
+                    generator, cfg, [prompts.rows[i] for i in idx], prompts.answer_prompt
+                )
                 for j, i in enumerate(idx):
                     parsed = parse_prediction(
                         gen.texts[j], cfg.method_spec.writes_cot, cfg.answer_prompt

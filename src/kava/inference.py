@@ -1,9 +1,17 @@
-"""Batched greedy generation with a KV cache, counting forward passes per question.
+"""Batched greedy generation on a static KV cache, counting forward passes per question.
 
-* latent (kava / pccot / codi): pass 0 + T Jacobi iterations + ``<eot> ++ prompt`` pass
-  + one pass per further answer token: ``1 + T + 1 + (n_generated - 1)`` passes;
-* text (cot / nocot): prefill of the question (+ the answer prompt for No-CoT) + one
-  pass per further token: ``1 + (n_generated - 1)``.
+* latent (Jacobi): pass 0 + T Jacobi iterations + ``<eot> ++ prompt`` pass + one pass per
+  further answer token: ``1 + T + 1 + (n_generated - 1)`` passes;
+* text (CoT / No-CoT / iCoT): prefill of the prompt row + one pass per further token:
+  ``1 + (n_generated - 1)``.
+
+Every question of a batch lives in one ``kava.kv.KVCache`` in the static layout: the
+question (left-padded), the M latent slots, ``<eot> ++ prompt`` and the decoded tokens
+each own fixed columns, written in place. Nothing grows per token (no ``torch.cat``), the
+decoding column is a device tensor, and the stop check (all rows produced eos) reads the
+device every ``check_every`` tokens instead of every token. On CUDA each pass (pass 0, a
+Jacobi iteration, the prompt pass, one decoding step) is captured once per batch shape
+as a CUDA graph and replayed (``cuda_graphs``; off = the same code run eagerly).
 
 Masks and positions are built exactly as in training (kava.attention), so a question
 decodes the same alone or inside a left-padded batch.
@@ -11,14 +19,16 @@ decodes the same alone or inside a left-padded batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from kava.attention import positions_from_mask
 from kava.backbone import Backbone
 from kava.batching import pad_rows
-from kava.model import latent_passes
+from kava.kv import KVCache
+from kava.model import first_latent_inputs, next_latent_inputs
 
 
 @dataclass
@@ -28,49 +38,219 @@ class Generation:
     passes: list[int]  # forward passes spent on each question
 
 
-@torch.no_grad()
-def greedy_decode(
-    backbone: Backbone,
-    cache,
-    key_mask: torch.Tensor,
-    last_hidden: torch.Tensor,
-    max_new_tokens: int,
-) -> tuple[list[list[int]], list[int]]:
-    """Greedy continuation after a prefill whose final hidden states are ``last_hidden [B, D]``.
+@dataclass
+class _Session:
+    """Device buffers of one batch shape (and, with CUDA graphs, the captured passes)."""
 
-    ``cache`` holds the prefilled KV, ``key_mask [B, S]`` its real columns. Returns the
-    generated ids per row (stopping at eos) and how many were generated per row. Rows
-    that finished feed pad (masked) while the others go on.
+    cache: KVCache
+    key_mask: torch.Tensor  # [B, S_max] bool: real columns written so far
+    inputs: torch.Tensor  # [B, S_in] ids of the first pass's rows (question ++ <bot> | prompt)
+    input_mask: torch.Tensor  # [B, S_in] bool
+    last_hidden: torch.Tensor  # [B, D] final hidden state of the last fed position
+    tokens: torch.Tensor  # [B, max_new] generated ids (pad after a row's eos)
+    done: torch.Tensor  # [B] bool: the row produced eos
+    fed: torch.Tensor  # [B] the token fed by the next decoding pass
+    cur: torch.Tensor  # 0-dim long: key column the next decoding pass writes
+    step: torch.Tensor  # 0-dim long: index into ``tokens`` of the next selected token
+    latents: torch.Tensor | None = None  # [B, M, D] inputs of the next Jacobi iteration
+    prompt: torch.Tensor | None = None  # [B, P] ids of <eot> ++ answer prompt
+    graphs: dict[str, torch.cuda.CUDAGraph] = field(default_factory=dict)
+    pool: object | None = None
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.key_mask.zero_()
+        self.done.zero_()
+        self.step.zero_()
+
+
+class Generator:
+    """Greedy generation for one backbone; keeps a session per batch shape.
+
+    ``cuda_graphs``: capture each pass as a CUDA graph (default: on where the backbone is
+    on CUDA). ``check_every``: decoding steps between two reads of "every row is done".
     """
-    eos, pad = backbone.ids.eos, backbone.ids.pad
-    b = key_mask.shape[0]
-    done = torch.zeros(b, dtype=torch.bool, device=key_mask.device)
-    out: list[list[int]] = [[] for _ in range(b)]
-    for step in range(max_new_tokens):
-        next_ids = backbone.logits(last_hidden).argmax(-1)  # [B]
-        next_ids = next_ids.masked_fill(done, pad)
-        for i, (tok, finished) in enumerate(zip(next_ids.tolist(), done.tolist())):  # one sync
-            if not finished:
-                out[i].append(tok)
-        done = done | (next_ids == eos)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        key_mask = torch.cat([key_mask, ~done[:, None]], dim=1)
-        res = backbone(
-            backbone.embed(next_ids[:, None]),
-            key_mask,
-            positions_from_mask(key_mask, 1),
-            cache=cache,
+
+    def __init__(self, backbone: Backbone, cuda_graphs: bool | None = None, check_every: int = 8):
+        self.bb = backbone
+        self.device = backbone.new_token_embeddings.device
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs the backbone on a CUDA device")
+        self.cuda_graphs = cuda_graphs
+        self.check_every = max(1, check_every)
+        self.sessions: dict[tuple, _Session] = {}
+
+    # --- sessions and passes -------------------------------------------------------------
+    def _session(self, key: tuple, batch: int, s_in: int, length: int, max_new: int) -> _Session:
+        sess = self.sessions.get(key)
+        if sess is None:
+            dev, bb = self.device, self.bb
+            dtype = bb.new_token_embeddings.dtype
+            sess = _Session(
+                cache=KVCache.static(length),
+                key_mask=torch.zeros(batch, length, dtype=torch.bool, device=dev),
+                inputs=torch.zeros(batch, s_in, dtype=torch.long, device=dev),
+                input_mask=torch.zeros(batch, s_in, dtype=torch.bool, device=dev),
+                last_hidden=torch.zeros(batch, bb.hidden_size, dtype=dtype, device=dev),
+                tokens=torch.zeros(batch, max_new, dtype=torch.long, device=dev),
+                done=torch.zeros(batch, dtype=torch.bool, device=dev),
+                fed=torch.zeros(batch, dtype=torch.long, device=dev),
+                cur=torch.zeros((), dtype=torch.long, device=dev),
+                step=torch.zeros((), dtype=torch.long, device=dev),
+            )
+            self.sessions[key] = sess
+        else:
+            sess.reset()
+        return sess
+
+    def _run(self, sess: _Session, name: str, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (a pass that only reads and writes ``sess`` buffers): eagerly, or by
+        replaying its CUDA graph. The first call runs it for real on a side stream (the
+        warm-up a capture needs) and then captures it; capturing executes nothing."""
+        if not self.cuda_graphs:
+            fn()
+            return
+        graph = sess.graphs.get(name)
+        if graph is not None:
+            graph.replay()
+            return
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if sess.pool is None:
+            sess.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=sess.pool):
+            fn()
+        sess.graphs[name] = graph
+
+    def _pass(self, sess: _Session, embeds: torch.Tensor, start: int | torch.Tensor):
+        """One decoder pass over ``embeds [B, n, D]`` written at columns ``[start, start+n)``."""
+        n = embeds.shape[1]
+        sess.cache.start = start
+        return self.bb(
+            embeds,
+            sess.key_mask,
+            positions_from_mask(sess.key_mask, n, start),
+            sess.cache,
+            query_start=start,
         )
-        cache, last_hidden = res.past_key_values, res.last_hidden_state[:, -1]
-    return out, [len(o) for o in out]
+
+    def _decode(self, sess: _Session, max_new: int) -> None:
+        """Greedy tokens from ``sess.last_hidden`` on; each further token one pass."""
+        bb, ids = self.bb, self.bb.ids
+
+        def select() -> None:
+            nxt = bb.logits(sess.last_hidden).argmax(-1).masked_fill(sess.done, ids.pad)
+            sess.tokens.index_copy_(1, sess.step.view(1), nxt[:, None])
+            sess.done.logical_or_(nxt == ids.eos)
+            sess.fed.copy_(nxt)
+            sess.step.add_(1)
+
+        def select_and_feed() -> None:
+            select()
+            # a row that is done feeds a masked pad column (its outputs are never read)
+            sess.key_mask.index_copy_(1, sess.cur.view(1), (~sess.done)[:, None])
+            out = self._pass(sess, bb.embed(sess.fed[:, None]), sess.cur)
+            sess.last_hidden.copy_(out.last_hidden_state[:, -1])
+            sess.cur.add_(1)
+
+        for k in range(max_new):
+            if k == max_new - 1:
+                self._run(sess, "select", select)
+            else:
+                self._run(sess, "decode", select_and_feed)
+            if (k + 1) % self.check_every == 0 and k < max_new - 1 and bool(sess.done.all()):
+                break
+
+    def _result(self, sess: _Session, batch: int, passes_before: int) -> Generation:
+        """Per row: tokens up to and including eos, and the passes they cost."""
+        eos = self.bb.ids.eos
+        steps = int(sess.step)
+        rows = sess.tokens[:batch, :steps].tolist()
+        tokens = [r[: r.index(eos) + 1] if eos in r else r for r in rows]
+        texts = self.bb.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        # the pass that fed the prompt (or the prefill) produced the first token
+        return Generation(tokens, texts, [passes_before + len(t) for t in tokens])
+
+    # --- the two kinds of generation -------------------------------------------------------
+    @torch.no_grad()
+    def latent(
+        self,
+        question_ids: torch.Tensor,
+        question_mask: torch.Tensor,
+        prompt_ids: list[int],
+        num_latents: int,
+        num_iterations: int,
+        max_new_tokens: int = 16,
+    ) -> Generation:
+        """Latent reasoning then the answer. ``question_ids [B, S_q]`` left-padded, ending
+        in ``<bot>``; ``question_mask [B, S_q]``; ``prompt_ids``: the answer prompt's ids."""
+        bb, ids = self.bb, self.bb.ids
+        b, s_q = question_ids.shape
+        m, t = num_latents, num_iterations
+        p = 1 + len(prompt_ids)  # <eot> ++ prompt
+        length = s_q + m + p + max_new_tokens - 1
+        key = ("latent", b, s_q, m, t, p, max_new_tokens)
+        sess = self._session(key, b, s_q, length, max_new_tokens)
+        sess.inputs.copy_(question_ids)
+        sess.input_mask.copy_(question_mask)
+        if sess.latents is None:
+            sess.latents = torch.zeros(
+                b, m, bb.hidden_size, dtype=sess.last_hidden.dtype, device=self.device
+            )
+            sess.prompt = torch.tensor([[ids.eot, *prompt_ids]] * b, device=self.device)
+
+        def pass0() -> None:
+            sess.key_mask[:, :s_q].copy_(sess.input_mask)
+            sess.key_mask[:, s_q : s_q + m] = True
+            slots = sess.inputs.new_full((b, m), ids.latent)
+            out = self._pass(sess, bb.embed(torch.cat([sess.inputs, slots], 1)), 0)
+            if t > 0:
+                h = out.last_hidden_state[:, s_q - 1 : s_q - 1 + m]
+                sess.latents.copy_(first_latent_inputs(bb, h))
+
+        def iteration() -> None:
+            out = self._pass(sess, sess.latents, s_q)  # rewrites the latent columns
+            sess.latents.copy_(next_latent_inputs(bb, sess.latents, out.last_hidden_state))
+
+        def prompt_pass() -> None:
+            sess.key_mask[:, s_q + m : s_q + m + p] = True
+            out = self._pass(sess, bb.embed(sess.prompt), s_q + m)
+            sess.last_hidden.copy_(out.last_hidden_state[:, -1])
+            sess.cur.fill_(s_q + m + p)
+
+        self._run(sess, "pass0", pass0)
+        for _ in range(t):
+            self._run(sess, "iteration", iteration)
+        self._run(sess, "prompt", prompt_pass)
+        self._decode(sess, max_new_tokens)
+        return self._result(sess, b, passes_before=1 + t)
+
+    @torch.no_grad()
+    def text(self, input_ids: torch.Tensor, input_mask: torch.Tensor, max_new_tokens: int):
+        """Plain greedy generation after left-padded prompt rows ``input_ids [B, S]``."""
+        b, s_in = input_ids.shape
+        key = ("text", b, s_in, max_new_tokens)
+        sess = self._session(key, b, s_in, s_in + max_new_tokens - 1, max_new_tokens)
+        sess.inputs.copy_(input_ids)
+        sess.input_mask.copy_(input_mask)
+
+        def prefill() -> None:
+            sess.key_mask[:, :s_in].copy_(sess.input_mask)
+            out = self._pass(sess, self.bb.embed(sess.inputs), 0)
+            sess.last_hidden.copy_(out.last_hidden_state[:, -1])
+            sess.cur.fill_(s_in)
+
+        self._run(sess, "prefill", prefill)
+        self._decode(sess, max_new_tokens)
+        return self._result(sess, b, passes_before=0)
 
 
-def _texts(backbone: Backbone, tokens: list[list[int]]) -> list[str]:
-    return backbone.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-
-
-@torch.no_grad()
 def generate_latent(
     backbone: Backbone,
     question_ids: torch.Tensor,
@@ -79,34 +259,23 @@ def generate_latent(
     num_latents: int,
     num_iterations: int,
     max_new_tokens: int = 16,
+    cuda_graphs: bool | None = False,
 ) -> Generation:
-    """Latent reasoning then the answer. ``question_ids [B, S_q]`` left-padded, ending in ``<bot>``."""
-    state = latent_passes(backbone, question_ids, question_mask, num_latents, num_iterations)
-    b = question_ids.shape[0]
-    prompt = torch.tensor([[backbone.ids.eot, *prompt_ids]], device=question_ids.device).expand(
-        b, -1
+    """One batch of latent generation (see ``Generator.latent``)."""
+    gen = Generator(backbone, cuda_graphs)
+    return gen.latent(
+        question_ids, question_mask, prompt_ids, num_latents, num_iterations, max_new_tokens
     )
-    key_mask = torch.cat([state.key_mask, torch.ones_like(prompt, dtype=torch.bool)], dim=1)
-    res = backbone(
-        backbone.embed(prompt),
-        key_mask,
-        positions_from_mask(key_mask, prompt.shape[1]),
-        cache=state.answer_cache(),
-    )
-    tokens, n = greedy_decode(
-        backbone, res.past_key_values, key_mask, res.last_hidden_state[:, -1], max_new_tokens
-    )
-    passes = [1 + num_iterations + k for k in n]  # pass 0 + T + prompt pass (1st token) + k-1
-    return Generation(tokens, _texts(backbone, tokens), passes)
 
 
-@torch.no_grad()
-def generate_text(backbone: Backbone, prompts: list[list[int]], max_new_tokens: int) -> Generation:
-    """Plain greedy generation from token-id prompts (CoT / No-CoT baselines), left-padded."""
-    ids = pad_rows(prompts, backbone.ids.pad, left=True).to(backbone.new_token_embeddings.device)
-    mask = pad_rows([[1] * len(p) for p in prompts], 0, left=True).bool().to(ids.device)
-    res = backbone(backbone.embed(ids), mask, positions_from_mask(mask, ids.shape[1]))
-    tokens, n = greedy_decode(
-        backbone, res.past_key_values, mask, res.last_hidden_state[:, -1], max_new_tokens
-    )
-    return Generation(tokens, _texts(backbone, tokens), [k for k in n])
+def generate_text(
+    backbone: Backbone,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    cuda_graphs: bool | None = False,
+) -> Generation:
+    """Greedy generation from token-id prompts (left-padded here), e.g. CoT / No-CoT."""
+    device = backbone.new_token_embeddings.device
+    ids = pad_rows(prompts, backbone.ids.pad, left=True).to(device)
+    mask = pad_rows([[1] * len(p) for p in prompts], 0, left=True).bool().to(device)
+    return Generator(backbone, cuda_graphs).text(ids, mask, max_new_tokens)

@@ -23,10 +23,11 @@ import torch
 
 from kava import eviction
 from kava.attention import positions_from_mask
-from kava.backbone import Backbone, cache_from_kv
+from kava.backbone import Backbone
 from kava.batching import collate_teacher, encode
 from kava.config import KavaConfig
 from kava.data import Example
+from kava.kv import KVCache
 from kava.model import latent_passes, teacher_forward
 
 
@@ -68,7 +69,7 @@ def last_latent_pass(
             x,
             state.key_mask,
             positions_from_mask(state.key_mask, m),
-            cache=cache_from_kv(state.question_kv),
+            cache=KVCache.growing(state.question_kv),
         )
         h = out.last_hidden_state
     else:  # pause tokens: the last pass is pass 0 on the placeholder embeddings

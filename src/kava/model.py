@@ -16,18 +16,12 @@ import torch
 from torch import nn
 
 from kava import eviction, losses
-from kava.attention import RowCapture, capture_rows, positions_from_mask
-from kava.backbone import Backbone, cache_from_kv, kv_from_cache
+from kava.attention import RowCapture, positions_from_mask
+from kava.backbone import Backbone
 from kava.batching import Batch, StudentBatch, TeacherBatch
 from kava.config import KavaConfig
+from kava.kv import KV, KVCache, stack_kv
 from kava.tokens import IGNORE
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [B, H_kv, S, d]
-
-
-def stack_kv(kv: KV) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer list -> ``(k, v)`` each ``[L, B, H_kv, S, d]``."""
-    return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
 
 
 def selected_nll(
@@ -68,13 +62,13 @@ def teacher_forward(
     """Teacher pass over ``question ++ cot ++ prompt ++ answer ++ eos`` (right-padded)."""
     mask = batch.attention_mask
     cap = RowCapture(batch.answer_index, batch.cot_index) if capture_kv else None
-    with capture_rows(cap) if cap is not None else contextlib.nullcontext():
-        out = backbone(
-            backbone.embed(batch.input_ids),
-            mask,
-            positions_from_mask(mask, mask.shape[1]),
-            output_hidden_states=hidden,
-        )
+    out = backbone(
+        backbone.embed(batch.input_ids),
+        mask,
+        positions_from_mask(mask, mask.shape[1]),
+        output_hidden_states=hidden,
+        capture=cap,
+    )
     nll_sum, count = selected_nll(backbone, out.last_hidden_state, batch.labels)
     distill = None
     if hidden:
@@ -97,14 +91,26 @@ class LatentState:
         default_factory=list
     )  # latent inputs x of iterations 1..T, [B, M, D]
 
-    def answer_cache(self):
-        """A cache of question + last latent KV for the answer pass (a new tensor per layer)."""
-        return cache_from_kv(
-            [
-                (torch.cat([qk, lk], 2), torch.cat([qv, lv], 2))
-                for (qk, qv), (lk, lv) in zip(self.question_kv, self.latent_kv)
-            ]
-        )
+    def answer_cache(self) -> KVCache:
+        """The answer pass's cache: it reads the question KV, then the last latent KV."""
+        return KVCache.growing(self.question_kv, self.latent_kv)
+
+
+def first_latent_inputs(backbone: Backbone, hidden: torch.Tensor) -> torch.Tensor:
+    """Inputs of the first Jacobi iteration from pass 0's last-layer hidden states.
+
+    ``hidden [B, M, D]``: the outputs at ``<bot>`` and latent slots 1..M-1 (shifted by one),
+    so ``x[1] = prj(h[<bot>])`` and ``x[j] = prj(h[latent j-1])``. Returns ``[B, M, D]``.
+    """
+    return backbone.prj(hidden)
+
+
+def next_latent_inputs(backbone: Backbone, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One Jacobi update: ``x_next[1] = x[1]`` (fixed), ``x_next[j] = prj(y[j-1])``.
+
+    ``x``: the iteration's inputs ``[B, M, D]``; ``y``: its last-layer outputs ``[B, M, D]``.
+    """
+    return torch.cat([x[:, :1], backbone.prj(y[:, :-1])], dim=1)
 
 
 def latent_passes(
@@ -120,21 +126,22 @@ def latent_passes(
     b, s_q = question_ids.shape
     key_mask = torch.cat([question_mask, question_mask.new_ones(b, m)], dim=1)
     ids0 = torch.cat([question_ids, question_ids.new_full((b, m), backbone.ids.latent)], dim=1)
-    out = backbone(backbone.embed(ids0), key_mask, positions_from_mask(key_mask, s_q + m))
-    question_kv = kv_from_cache(out.past_key_values, 0, s_q)
-    latent_kv = kv_from_cache(out.past_key_values, s_q)
+    cache = KVCache.growing()
+    out = backbone(backbone.embed(ids0), key_mask, positions_from_mask(key_mask, s_q + m), cache)
+    question_kv, latent_kv = cache.columns(0, s_q), cache.columns(s_q)
     state = LatentState(key_mask, question_kv, latent_kv, [latent_kv])
     if t == 0:  # pause tokens: the answer reads pass 0's latent KV; no inputs to build
         return state
-    x = backbone.prj(out.last_hidden_state[:, s_q - 1 : s_q - 1 + m])
+    x = first_latent_inputs(backbone, out.last_hidden_state[:, s_q - 1 : s_q - 1 + m])
     latent_pos = positions_from_mask(key_mask, m)
     for i in range(t):
         state.inputs.append(x)
-        out = backbone(x, key_mask, latent_pos, cache=cache_from_kv(question_kv))
-        state.latent_kv = kv_from_cache(out.past_key_values, s_q)
+        cache = KVCache.growing(question_kv)
+        out = backbone(x, key_mask, latent_pos, cache)
+        state.latent_kv = cache.new
         state.iteration_kv.append(state.latent_kv)
         if i < t - 1:
-            x = torch.cat([x[:, :1], backbone.prj(out.last_hidden_state[:, :-1])], dim=1)
+            x = next_latent_inputs(backbone, x, out.last_hidden_state)
     return state
 
 

@@ -117,6 +117,22 @@ def _mixed_precision(cfg: KavaConfig) -> str:
     return mp
 
 
+def compile_enabled(cfg: KavaConfig, device: torch.device) -> bool:
+    """``train.compile``: auto = on CUDA."""
+    return cfg.train.compile == "layers" or (cfg.train.compile == "auto" and device.type == "cuda")
+
+
+def apply_speed_options(backbone: Backbone, cfg: KavaConfig, device: torch.device) -> None:
+    """Compiled layer pass, activation checkpointing, no fp32 copies of LoRA inputs under
+    bf16 autocast (train.compile, train.activation_checkpointing, train.mixed_precision)."""
+    if _mixed_precision(cfg) == "bf16":
+        backbone.lora_input_cast(False)
+    if cfg.train.activation_checkpointing:
+        backbone.checkpoint_layers()
+    if compile_enabled(cfg, device):
+        backbone.compile_layers(dynamic=True)
+
+
 def truncate_log(path: Path, step: int) -> None:
     """Keep the log lines up to ``step`` (a resumed run writes the later ones again)."""
     if not path.is_file():
@@ -169,6 +185,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     set_seed(t.seed, device_specific=True)  # each process its own dropout stream
 
     backbone = build_backbone(cfg)
+    apply_speed_options(backbone, cfg, accelerator.device)
     model = KavaModel(backbone, cfg)
     data = encode_examples(load_train_examples(cfg), backbone, cfg)
     n_skipped = sum(data.skipped.values())
@@ -189,7 +206,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         fused=accelerator.device.type == "cuda",
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    collate_fn = partial(collate, ids=backbone.ids)
+    collate_fn = partial(collate, ids=backbone.ids, bucket=t.bucket)
 
     def loader(epoch: int) -> DataLoader:
         g = torch.Generator().manual_seed(t.seed + epoch)

@@ -1,0 +1,108 @@
+"""kava's own pass over the decoder layers of a Llama-family model (the fast path).
+
+HF's decoder forward is written for one pass with one cache object: each layer reads its
+int ``layer_idx`` to address the cache, a mask/cache machinery runs per call, and
+deprecation wrappers sit around every forward. Under ``torch.compile`` that becomes one
+compiled variant per layer and per wrapper state (measured: 4 layers gave more than a
+dozen recompiles). kava runs many small passes per example (teacher, pass 0, T Jacobi
+iterations, answer pass), so it runs the layers itself instead: ``layer_pass`` is one
+pure function of a layer's modules (their weights, LoRA included, are used through the
+HF / peft modules as they are), the hidden states, RoPE cos/sin, the 4D mask and the
+prefix KV, returning the new hidden states and the layer's own K/V (and, for the
+teacher, its query rows). It holds no Python state and no layer index, so one compiled
+graph serves every layer and every pass of a shape family.
+
+Supported: ``model_type`` llama, qwen2, mistral (SmolLM2 is llama) with full attention,
+no attention dropout and no q/k norms: the structure of their HF decoder layers, written
+out below and tested against HF's own forward (tests/test_layers.py). Other models run
+HF's decoder forward (``Backbone.fast`` is False), with the same masks and caches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+def unsupported_reason(decoder: nn.Module) -> str | None:
+    """Why ``decoder`` cannot take kava's fast path, or None when it can."""
+    cfg = decoder.config
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {cfg.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    if getattr(cfg, "attention_dropout", 0.0):
+        return "attention dropout"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+        return "sliding-window layers"
+    for part in ("layers", "norm", "rotary_emb"):
+        if not hasattr(decoder, part):
+            return f"the decoder has no {part}"
+    layer = decoder.layers[0]
+    attn = layer.self_attn
+    for part in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"):
+        if not hasattr(attn, part):
+            return f"the attention has no {part}"
+    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+        return "q/k norms"
+    for part in ("input_layernorm", "post_attention_layernorm", "mlp"):
+        if not hasattr(layer, part):
+            return f"the layer has no {part}"
+    return None
+
+
+def attention_inputs(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Post-RoPE ``q [B, H_q, S, d]``, ``k, v [B, H_kv, S, d]`` of ``h [B, S, D]``."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    shape = (*h.shape[:-1], -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def attention_output(
+    layer: nn.Module,
+    h: torch.Tensor,
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """The rest of the layer: attention of ``q`` over ``keys``/``values`` ``[B, H_kv, S_k,
+    d]`` under ``mask [B, 1, S, S_k]``, output projection, residual, MLP, residual."""
+    attn = layer.self_attn
+    groups = q.shape[1] // keys.shape[1]
+    out = F.scaled_dot_product_attention(
+        q, repeat_kv(keys, groups), repeat_kv(values, groups), attn_mask=mask, scale=attn.scaling
+    )
+    h = h + attn.o_proj(out.transpose(1, 2).reshape(*h.shape[:-1], -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def layer_pass(
+    layer: nn.Module,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+    query_index: torch.Tensor | None = None,
+):
+    """One layer over ``h [B, S, D]`` attending to ``prefix`` segments then its own rows.
+
+    Returns ``(h_out [B, S, D], k, v [B, H_kv, S, d], q_rows)``; ``q_rows`` is
+    ``[B, H_q, N, d]`` (detached) of the query rows ``query_index [B, N]``, or None.
+    """
+    q, k, v = attention_inputs(layer, h, cos, sin)
+    keys = torch.cat([*(p[0] for p in prefix), k], dim=2) if prefix else k
+    values = torch.cat([*(p[1] for p in prefix), v], dim=2) if prefix else v
+    q_rows = None
+    if query_index is not None:
+        idx = query_index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])
+        q_rows = torch.gather(q, 2, idx).detach()
+    return attention_output(layer, h, q, keys, values, mask), k, v, q_rows
