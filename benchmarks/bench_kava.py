@@ -37,12 +37,14 @@ from typing import Any
 
 import torch
 
+from kava import layers
 from kava.backbone import Backbone
 from kava.batching import Batch, Encoded, collate, pad_rows
 from kava.config import KavaConfig, load_config
-from kava.inference import generate_latent, generate_text
+from kava.inference import Generator
 from kava.model import KavaModel, answer_pass
 from kava.tokens import BOT, EOT, LATENT, PAD
+from kava.train import apply_speed_options
 
 PEAK_TFLOPS_H100 = 780.0  # measured bf16 matmul ceiling on the lent H100 (shared/DEVICE.md)
 PROMPT_LEN = 4  # " The answer is:" is 4 tokens in the Llama-3 / SmolLM2 / Qwen2 tokenizers
@@ -221,8 +223,9 @@ class Lengths:
 class Synth:
     """Random-token examples in kava's ``Encoded`` form, with realistic lengths."""
 
-    def __init__(self, backbone: Backbone, lengths: Lengths, seed: int):
+    def __init__(self, backbone: Backbone, lengths: Lengths, seed: int, bucket: int = 1):
         self.ids = backbone.ids
+        self.bucket = bucket
         self.lengths = lengths
         self.rng = random.Random(seed)
         self.lo = 13  # after <unk>, <bos>, <eos> and the digits
@@ -246,7 +249,7 @@ class Synth:
         )
 
     def batch(self, n: int) -> Batch:
-        return collate([self.example() for _ in range(n)], self.ids)
+        return collate([self.example() for _ in range(n)], self.ids, self.bucket)
 
 
 def count_tokens(batch: Batch, m: int, t: int) -> dict[str, int]:
@@ -366,6 +369,45 @@ def precheck(model: KavaModel, synth: Synth, device, tol: float) -> dict[str, An
     for k in f32:
         log(f"  {k:>11}: fp32 {f32[k]:.6f}  bf16 {b16[k]:.6f}")
     model.train()
+    return res
+
+
+def compile_check(model: KavaModel, synth: Synth, device, args) -> dict[str, Any]:
+    """Compiled layer pass vs eager on the same batch (bf16 autocast, dropout off): loss
+    and gradient norm; also the time of the first compiled forward + backward (compile)."""
+    from torch._dynamo.utils import counters
+
+    bb = model.backbone
+    compiled = bb._layer_fn
+    batch = synth.batch(args.micro_batch).to(device)
+    model.eval()
+    res: dict[str, Any] = {}
+    for name, fn in (("eager", layers.layer_pass), ("compiled", compiled)):
+        bb._layer_fn = fn
+        bb.zero_grad(set_to_none=True)
+        sync(device)
+        t0 = time.perf_counter()
+        with amp_context(device, args.amp):
+            out = model(batch)
+        out.total.backward()
+        sync(device)
+        grad = torch.stack([p.grad.float().norm() for p in bb.trainable_parameters()]).norm()
+        res[name] = dict(
+            loss=out.terms, grad_norm=float(grad), first_call_s=time.perf_counter() - t0
+        )
+        del out
+    bb._layer_fn = compiled
+    bb.zero_grad(set_to_none=True)
+    model.train()
+    e, c = res["eager"], res["compiled"]
+    res["loss_rel_diff"] = abs(c["loss"]["loss"] - e["loss"]["loss"]) / abs(e["loss"]["loss"])
+    res["grad_norm_rel_diff"] = abs(c["grad_norm"] - e["grad_norm"]) / e["grad_norm"]
+    res["compiled_graphs"] = counters["stats"].get("unique_graphs", 0)
+    log(
+        f"compile check: loss eager {e['loss']['loss']:.5f} compiled {c['loss']['loss']:.5f} "
+        f"(rel {res['loss_rel_diff']:.1e}), grad norm rel {res['grad_norm_rel_diff']:.1e}, "
+        f"first compiled step {c['first_call_s']:.1f} s, {res['compiled_graphs']} graphs"
+    )
     return res
 
 
@@ -491,10 +533,14 @@ def bench_train(model: KavaModel, synth: Synth, args, device, counts: dict) -> d
 
 
 def bench_inference(model: KavaModel, synth: Synth, args, device, report: dict, save) -> None:
-    """Latent generation vs fixed-length greedy CoT on the same questions.
+    """Latent generation vs fixed-length greedy CoT on the same questions, both through
+    ``kava.inference.Generator`` (static KV cache, CUDA graphs unless ``--no-graphs``) on
+    a LoRA-merged bf16 copy unless ``--no-merge`` (what ``kava eval`` runs).
 
-    Fills ``report`` in place and calls ``save()`` after every run, so that a run cut
-    short by a time limit keeps the rows it finished.
+    No stop token (``stop_token=None``): random weights would stop a row only by chance,
+    so every question generates exactly the requested number of tokens. Fills ``report``
+    in place and calls ``save()`` after every run, so that a run cut short by a time limit
+    keeps the rows it finished.
     """
     bb, cfg = model.backbone, model.cfg
     m, t = cfg.latent.num_latents, cfg.effective_iterations
@@ -503,34 +549,40 @@ def bench_inference(model: KavaModel, synth: Synth, args, device, report: dict, 
     questions.sort(key=len, reverse=True)  # as kava.evaluate batches: longest first
     prompt = synth.prompt
     model.eval()
-    merged = False
-    if args.merge_lora and hasattr(bb.lm, "merge_adapter"):
-        bb.lm.merge_adapter()
-        merged = True
-    calls = [0]
-    hook = bb.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
-    # Random weights would stop a row only by chance; make eos impossible so every question
-    # generates exactly the requested number of tokens (the id -1 is never produced).
-    real_ids = bb.ids
-    bb.ids = dataclasses.replace(real_ids, eos=-1)
+    runner = bb.merged_copy() if args.merge else bb
+    amp = args.amp and runner is bb  # a merged copy is bf16 throughout
+    ids = runner.ids
+    gens = {g: Generator(runner, cuda_graphs=g) for g in {False, not args.no_graphs}}
 
-    def run(mode: str, n_tokens: int, bs: int, qs: list[list[int]]):
-        passes, gen_tokens, weighted_calls = [], [], 0
+    def padded(rows: list[list[int]]):
+        q = pad_rows(rows, ids.pad, left=True, multiple_of=args.eval_bucket).to(device)
+        mask = pad_rows([[1] * len(r) for r in rows], 0, left=True, multiple_of=args.eval_bucket)
+        return q, mask.bool().to(device)
+
+    calls = [0]  # passes seen by a hook (eager runs only: a graph replay calls no module)
+    runner.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+
+    def run(mode: str, n_tokens: int, bs: int, qs: list[list[int]], graphs: bool):
+        gen = gens[graphs]
+        passes, gen_tokens, tokens = [], [], []
+        calls[0] = 0
+        weighted_calls = 0
         for i in range(0, len(qs), bs):
             chunk = qs[i : i + bs]
             before = calls[0]
-            with amp_context(device, args.amp):
+            with amp_context(device, amp):
                 if mode == "latent":
-                    rows = [q + [real_ids.bot] for q in chunk]
-                    qids = pad_rows(rows, real_ids.pad, left=True).to(device)
-                    qmask = pad_rows([[1] * len(r) for r in rows], 0, left=True).bool().to(device)
-                    g = generate_latent(bb, qids, qmask, prompt, m, t, max_new_tokens=n_tokens)
+                    qids, qmask = padded([q + [ids.bot] for q in chunk])
+                    g = gen.latent(qids, qmask, prompt, m, t, n_tokens, stop_token=None)
                 else:
-                    g = generate_text(bb, chunk, max_new_tokens=n_tokens)
-            weighted_calls += (calls[0] - before) * len(chunk)
+                    qids, qmask = padded(chunk)
+                    g = gen.text(qids, qmask, n_tokens, stop_token=None)
             passes += g.passes
             gen_tokens += [len(x) for x in g.tokens]
-        return passes, gen_tokens, weighted_calls
+            tokens += g.tokens
+            weighted_calls += (calls[0] - before) * len(chunk)
+        hooked = None if graphs else weighted_calls / len(qs)
+        return passes, gen_tokens, tokens, hooked
 
     modes = [("latent", args.latent_answer_tokens)] + [("cot", n) for n in args.cot_tokens]
     runs: list[dict[str, Any]] = []
@@ -540,54 +592,58 @@ def bench_inference(model: KavaModel, synth: Synth, args, device, report: dict, 
         question_len_range=[40, 80],
         order="sorted by length, longest first (as kava.evaluate)",
         latent_answer_tokens=args.latent_answer_tokens,
-        eos_disabled=True,
-        lora_merged=merged,
+        stop_token=None,
+        lora_merged=runner is not bb,
+        cuda_graphs=not args.no_graphs,
+        eval_bucket=args.eval_bucket,
         runs=runs,
         latent_speedup=speedup,
     )
-    try:
-        # warm-up: every mode once on a small batch
+    # correctness first: graphed decoding generates exactly what eager decoding does
+    if not args.no_graphs:
+        same = {}
         for mode, n in modes:
-            run(mode, min(n, 4), min(args.infer_batches), questions[: min(args.infer_batches)])
-        for bs in args.infer_batches:
-            for mode, n in modes:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                sync(device)
-                t0 = time.perf_counter()
-                passes, gen, wcalls = run(mode, n, bs, questions)
-                sync(device)
-                dt = time.perf_counter() - t0
-                row = dict(
-                    mode=mode,
-                    new_tokens=n,
-                    batch=bs,
-                    questions=len(questions),
-                    time_s=dt,
-                    questions_per_s=len(questions) / dt,
-                    passes_per_question=statistics.mean(passes),
-                    passes_per_question_hooked=wcalls / len(questions),
-                    generated_tokens_per_question=statistics.mean(gen),
-                    peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30
-                    if device.type == "cuda"
-                    else None,
-                )
-                runs.append(row)
-                lat = next((r for r in runs if r["batch"] == bs and r["mode"] == "latent"), None)
-                if mode == "cot" and lat is not None:
-                    speedup[f"batch{bs}_vs_cot{n}"] = (
-                        lat["questions_per_s"] / row["questions_per_s"]
-                    )
-                save()
-                log(
-                    f"  infer {mode:<6} new={n:<4} batch={bs:<4} {row['questions_per_s']:9.1f} q/s"
-                    f"  {row['passes_per_question']:.1f} passes/q  {dt:7.2f} s"
-                )
-    finally:
-        bb.ids = real_ids
-        hook.remove()
-        if merged:
-            bb.lm.unmerge_adapter()
+            chunk = questions[: min(args.infer_batches)]
+            a = run(mode, n, len(chunk), chunk, graphs=True)[2]
+            b = run(mode, n, len(chunk), chunk, graphs=False)[2]
+            same[f"{mode}{n}"] = a == b
+        report["graphed_equals_eager"] = same
+        log(f"  graphed == eager tokens: {same}")
+    for bs in args.infer_batches:  # warm-up: captures the graphs of this batch size
+        for mode, n in modes:
+            run(mode, n, bs, questions[:bs], graphs=not args.no_graphs)
+    for bs in args.infer_batches:
+        for mode, n in modes:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            t0 = time.perf_counter()
+            passes, gen, _, hooked = run(mode, n, bs, questions, graphs=not args.no_graphs)
+            sync(device)
+            dt = time.perf_counter() - t0
+            row = dict(
+                mode=mode,
+                new_tokens=n,
+                batch=bs,
+                questions=len(questions),
+                time_s=dt,
+                questions_per_s=len(questions) / dt,
+                passes_per_question=statistics.mean(passes),
+                passes_per_question_hooked=hooked,
+                generated_tokens_per_question=statistics.mean(gen),
+                peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30
+                if device.type == "cuda"
+                else None,
+            )
+            runs.append(row)
+            lat = next((r for r in runs if r["batch"] == bs and r["mode"] == "latent"), None)
+            if mode == "cot" and lat is not None:
+                speedup[f"batch{bs}_vs_cot{n}"] = lat["questions_per_s"] / row["questions_per_s"]
+            save()
+            log(
+                f"  infer {mode:<6} new={n:<4} batch={bs:<4} {row['questions_per_s']:9.1f} q/s"
+                f"  {row['passes_per_question']:.1f} passes/q  {dt:7.2f} s"
+            )
 
 
 # --- reporting --------------------------------------------------------------------------
@@ -732,10 +788,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="kava config override (dotted key, e.g. kv_loss.iterations=all); repeatable",
     )
     g.add_argument(
-        "--lora-no-input-cast",
-        action="store_true",
-        help="experimental: stop peft casting LoRA inputs to fp32 under autocast",
+        "--compile",
+        choices=["none", "layers"],
+        help="train.compile (default: layers on cuda, none on cpu)",
     )
+    g.add_argument(
+        "--activation-checkpointing", action="store_true", help="train.activation_checkpointing"
+    )
+    g.add_argument("--bucket", type=int, default=8, help="train.bucket (length buckets)")
     g.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS_H100, help="MFU denominator")
     g = p.add_argument_group("inference")
     g.add_argument("--infer-questions", type=int, help="questions (1319 = GSM8k test; quick 6)")
@@ -750,8 +810,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="answer tokens generated after the latents (eos disabled): passes = 1 + T + this",
     )
     g.add_argument(
-        "--merge-lora", action="store_true", help="merge LoRA into the base for inference"
+        "--no-merge",
+        dest="merge",
+        action="store_false",
+        help="keep LoRA unmerged (eval.merge_lora)",
     )
+    g.add_argument("--no-graphs", action="store_true", help="no CUDA graphs (eval.cuda_graphs)")
+    g.add_argument("--eval-bucket", type=int, default=16, help="eval.bucket")
     g = p.add_argument_group("run")
     g.add_argument("--skip-train", action="store_true")
     g.add_argument("--skip-inference", action="store_true")
@@ -782,6 +847,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.threads = 1
     if args.cot_len is None:
         args.cot_len = 120 if args.nl else 40
+    if args.compile is None:
+        args.compile = "layers" if args.device == "cuda" else "none"
+    if args.device != "cuda":
+        args.no_graphs = True  # CUDA graphs need CUDA
     args.infer_batches = [int(x) for x in str(args.infer_batches).split(",") if x]
     args.cot_tokens = [int(x) for x in str(args.cot_tokens).split(",") if x]
     args.amp = args.amp == "bf16" or (args.amp == "auto" and args.device == "cuda")
@@ -807,6 +876,10 @@ def kava_config(args) -> KavaConfig:
         f"train.global_batch_size={args.global_batch}",
         f"train.micro_batch_size={args.micro_batch}",
         f"model.dtype={'float32' if args.weights == 'fp32' else 'bfloat16'}",
+        f"train.compile={args.compile}",
+        f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+        f"train.bucket={args.bucket}",
+        "train.mixed_precision=" + ("bf16" if args.amp else "'no'"),  # quoted: YAML's no = false
         *args.set,
     ]
     cfg = load_config(overrides=overrides)
@@ -851,10 +924,6 @@ def run(args: argparse.Namespace, cli: list[str]) -> dict[str, Any]:
     tok = build_tokenizer(arch)
     lm = build_lm(arch, device, args.seed)
     backbone = Backbone.from_model(lm, tok, cfg.lora, cfg.latent.use_projection).to(device)
-    if args.lora_no_input_cast:
-        for mod in backbone.modules():
-            if hasattr(mod, "lora_A"):
-                mod.cast_input_dtype_enabled = False
     model = KavaModel(backbone, cfg)
     counts = param_counts(backbone)
     log(
@@ -862,7 +931,7 @@ def run(args: argparse.Namespace, cli: list[str]) -> dict[str, Any]:
         f"({counts['non_embedding'] / 1e6:.1f}M non-embedding), {counts['trainable'] / 1e6:.1f}M trainable"
     )
     lengths = Lengths(args.question_len, args.cot_len, args.jitter)
-    synth = Synth(backbone, lengths, args.seed)
+    synth = Synth(backbone, lengths, args.seed, args.bucket)
     precision = (
         f"{'bf16 autocast' if args.amp else 'no autocast (fp32)'}, frozen base weights "
         f"{args.weights}, trainable (LoRA, projection, new-token rows) fp32"
@@ -898,7 +967,9 @@ def run(args: argparse.Namespace, cli: list[str]) -> dict[str, Any]:
             nl=args.nl,
             data="random token ids, collated by kava.batching.collate; batches built and "
             "moved to the device before timing",
-            lora_input_cast=not args.lora_no_input_cast,
+            compile=args.compile,
+            activation_checkpointing=args.activation_checkpointing,
+            bucket=args.bucket,
             overrides=args.set,
         ),
     )
@@ -908,6 +979,10 @@ def run(args: argparse.Namespace, cli: list[str]) -> dict[str, Any]:
         save()
     if args.weights == "bf16":
         cast_frozen_(backbone, torch.bfloat16)
+    apply_speed_options(backbone, cfg, device)  # as kava.train: compile, checkpointing, casts
+    if args.compile == "layers" and not args.skip_precheck:
+        results["compile_check"] = compile_check(model, synth, device, args)
+        save()
     dtypes: dict[str, int] = {}
     for p in backbone.parameters():
         key = f"{'trainable' if p.requires_grad else 'frozen'} {str(p.dtype).replace('torch.', '')}"

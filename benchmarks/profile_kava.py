@@ -22,8 +22,9 @@ import bench_kava as bk  # noqa: E402
 
 from kava.backbone import Backbone  # noqa: E402
 from kava.batching import pad_rows  # noqa: E402
-from kava.inference import generate_latent, generate_text  # noqa: E402
+from kava.inference import Generator  # noqa: E402
 from kava.model import KavaModel  # noqa: E402
+from kava.train import apply_speed_options  # noqa: E402
 
 
 def busy_ms(prof, device) -> float:
@@ -39,11 +40,16 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--micro-batch", type=int, default=64)
     p.add_argument("--infer-batch", type=int, default=64)
+    p.add_argument("--compile", choices=["none", "layers"], help="as bench_kava.py")
+    p.add_argument("--no-graphs", action="store_true", help="generation without CUDA graphs")
     p.add_argument("--rows", type=int, default=18, help="operators to print per table")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     weights = "bf16" if device.type == "cuda" else "fp32"
-    bargs = bk.parse_args(["--arch", args.arch, "--device", args.device, "--weights", weights])
+    extra = ["--compile", args.compile] if args.compile else []
+    bargs = bk.parse_args(
+        ["--arch", args.arch, "--device", args.device, "--weights", weights, *extra]
+    )
     cfg = bk.kava_config(bargs)
     arch = bk.ARCHS[args.arch]
     bb = Backbone.from_model(bk.build_lm(arch, device, 0), bk.build_tokenizer(arch), cfg.lora).to(
@@ -51,8 +57,9 @@ def main(argv=None) -> None:
     )
     if device.type == "cuda":
         bk.cast_frozen_(bb, torch.bfloat16)
+    apply_speed_options(bb, cfg, device)  # what kava.train does
     model = KavaModel(bb, cfg).train()
-    synth = bk.Synth(bb, bk.Lengths(50, 40, 0.25), 0)
+    synth = bk.Synth(bb, bk.Lengths(50, 40, 0.25), 0, bucket=cfg.train.bucket)
     batch = synth.batch(args.micro_batch).to(device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -62,18 +69,21 @@ def main(argv=None) -> None:
         out.total.backward()
         bb.zero_grad(set_to_none=True)
 
-    questions = [synth.question(60) + [bb.ids.bot] for _ in range(args.infer_batch)]
-    qids = pad_rows(questions, bb.ids.pad, left=True).to(device)
-    qmask = qids != bb.ids.pad
-    bb.ids = bk.dataclasses.replace(bb.ids, eos=-1)
+    runner = bb.merged_copy()  # what kava eval runs
+    gen = Generator(runner, cuda_graphs=device.type == "cuda" and not args.no_graphs)
+    rows = [synth.question(60) + [bb.ids.bot] for _ in range(args.infer_batch)]
+    qids = pad_rows(rows, bb.ids.pad, left=True, multiple_of=16).to(device)
+    qmask = pad_rows([[1] * len(r) for r in rows], 0, left=True, multiple_of=16).bool().to(device)
+    cot_rows = [r[:-1] for r in rows]
+    cids = pad_rows(cot_rows, bb.ids.pad, left=True, multiple_of=16).to(device)
+    cmask = pad_rows([[1] * len(r) for r in cot_rows], 0, left=True, multiple_of=16)
+    cmask = cmask.bool().to(device)
 
     def latent():
-        with amp, torch.no_grad():
-            generate_latent(bb, qids, qmask, synth.prompt, 24, 3, max_new_tokens=3)
+        gen.latent(qids, qmask, synth.prompt, 24, 3, max_new_tokens=3, stop_token=None)
 
     def cot():
-        with amp, torch.no_grad():
-            generate_text(bb, [q[:-1] for q in questions], max_new_tokens=7)
+        gen.text(cids, cmask, max_new_tokens=7, stop_token=None)
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for name, fn in (
@@ -81,7 +91,7 @@ def main(argv=None) -> None:
         ("latent generation (7 passes)", latent),
         ("cot generation (7 passes)", cot),
     ):
-        fn(), fn()  # warm-up
+        fn(), fn()  # warm-up (compilation, graph capture)
         bk.sync(device)
         with profile(activities=acts) as prof:
             t0 = time.perf_counter()

@@ -82,9 +82,11 @@ def test_quick_cpu_run_writes_complete_json(bench, tmp_path, capsys):
     inf = data["inference"]
     modes = {(r["mode"], r["new_tokens"]) for r in inf["runs"]}
     assert modes == {("latent", 3), ("cot", 4), ("cot", 8)}
+    assert inf["lora_merged"] and not inf["cuda_graphs"] and inf["stop_token"] is None
     for r in inf["runs"]:
         assert positive(r["questions_per_s"]) and positive(r["time_s"])
-        # eos is disabled: exactly the requested tokens, and kava's pass count matches a hook
+        # no stop token: exactly the requested tokens; kava's pass count matches a hook
+        # (CPU: no CUDA graphs, every pass is a module call)
         assert r["generated_tokens_per_question"] == r["new_tokens"]
         want = 1 + 3 + r["new_tokens"] if r["mode"] == "latent" else r["new_tokens"]
         assert r["passes_per_question"] == want == r["passes_per_question_hooked"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -209,7 +210,10 @@ class Backbone(nn.Module):
         base = self.lm.get_input_embeddings()(input_ids)
         # no `if is_new.any()`: that would sync the GPU
         is_new = (input_ids >= self.first_new_id) & (input_ids < self.first_new_id + 4)
-        rows = self.new_token_embeddings.to(base.dtype)[(input_ids - self.first_new_id).clamp(0, 3)]
+        # a one-hot matmul, not indexing: indexing's backward accumulates B x S rows into
+        # 4 with a sort-based kernel (measured 2 ms per pass on an H200 at batch 64)
+        slot = F.one_hot((input_ids - self.first_new_id).clamp(0, 3), 4).to(base.dtype)
+        rows = slot @ self.new_token_embeddings.to(base.dtype)
         return torch.where(is_new[..., None], rows, base)
 
     def forward(
@@ -303,11 +307,11 @@ class Backbone(nn.Module):
         lm = copy.deepcopy(self.lm)
         if hasattr(lm, "merge_and_unload"):  # a peft model
             lm = lm.merge_and_unload()
-        dtype = lm.get_input_embeddings().weight.dtype
+        weight = lm.get_input_embeddings().weight
         merged = Backbone(lm, self.tokenizer, use_projection=isinstance(self.prj, Projection))
+        merged.to(device=weight.device, dtype=weight.dtype)
         merged.new_token_embeddings.data.copy_(self.new_token_embeddings.detach())
         merged.prj.load_state_dict(self.prj.state_dict())
-        merged.to(dtype)
         return merged.requires_grad_(False).eval()
 
     def lora_input_cast(self, enabled: bool) -> None:

@@ -19,6 +19,7 @@ decodes the same alone or inside a left-padded batch.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,15 @@ from kava.backbone import Backbone
 from kava.batching import pad_rows
 from kava.kv import KVCache
 from kava.model import first_latent_inputs, next_latent_inputs
+
+
+class Default(enum.Enum):
+    """Marks an argument left at its default (``None`` means something else)."""
+
+    DEFAULT = 0
+
+
+DEFAULT = Default.DEFAULT
 
 
 @dataclass
@@ -140,14 +150,16 @@ class Generator:
             query_start=start,
         )
 
-    def _decode(self, sess: _Session, max_new: int) -> None:
-        """Greedy tokens from ``sess.last_hidden`` on; each further token one pass."""
+    def _decode(self, sess: _Session, max_new: int, stop: int | None) -> None:
+        """Greedy tokens from ``sess.last_hidden`` on; each further token one pass. A row is
+        done once it produced ``stop`` (None: every row generates ``max_new`` tokens)."""
         bb, ids = self.bb, self.bb.ids
 
         def select() -> None:
             nxt = bb.logits(sess.last_hidden).argmax(-1).masked_fill(sess.done, ids.pad)
             sess.tokens.index_copy_(1, sess.step.view(1), nxt[:, None])
-            sess.done.logical_or_(nxt == ids.eos)
+            if stop is not None:
+                sess.done.logical_or_(nxt == stop)
             sess.fed.copy_(nxt)
             sess.step.add_(1)
 
@@ -167,12 +179,13 @@ class Generator:
             if (k + 1) % self.check_every == 0 and k < max_new - 1 and bool(sess.done.all()):
                 break
 
-    def _result(self, sess: _Session, batch: int, passes_before: int) -> Generation:
-        """Per row: tokens up to and including eos, and the passes they cost."""
-        eos = self.bb.ids.eos
+    def _result(
+        self, sess: _Session, batch: int, passes_before: int, stop: int | None
+    ) -> Generation:
+        """Per row: tokens up to and including ``stop``, and the passes they cost."""
         steps = int(sess.step)
         rows = sess.tokens[:batch, :steps].tolist()
-        tokens = [r[: r.index(eos) + 1] if eos in r else r for r in rows]
+        tokens = [r[: r.index(stop) + 1] if stop in r else r for r in rows]
         texts = self.bb.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         # the pass that fed the prompt (or the prefill) produced the first token
         return Generation(tokens, texts, [passes_before + len(t) for t in tokens])
@@ -187,15 +200,27 @@ class Generator:
         num_latents: int,
         num_iterations: int,
         max_new_tokens: int = 16,
+        stop_token: int | None | Default = DEFAULT,
     ) -> Generation:
         """Latent reasoning then the answer. ``question_ids [B, S_q]`` left-padded, ending
-        in ``<bot>``; ``question_mask [B, S_q]``; ``prompt_ids``: the answer prompt's ids."""
+        in ``<bot>``; ``question_mask [B, S_q]``; ``prompt_ids``: the answer prompt's ids;
+        ``stop_token``: eos by default, None = always ``max_new_tokens`` tokens."""
+        stop = self.bb.ids.eos if stop_token is DEFAULT else stop_token
         bb, ids = self.bb, self.bb.ids
         b, s_q = question_ids.shape
         m, t = num_latents, num_iterations
         p = 1 + len(prompt_ids)  # <eot> ++ prompt
         length = s_q + m + p + max_new_tokens - 1
-        key = ("latent", b, s_q, m, t, p, max_new_tokens)
+        key = (
+            "latent",
+            b,
+            s_q,
+            m,
+            t,
+            tuple(prompt_ids),
+            max_new_tokens,
+            stop,
+        )  # graphs bake these in
         sess = self._session(key, b, s_q, length, max_new_tokens)
         sess.inputs.copy_(question_ids)
         sess.input_mask.copy_(question_mask)
@@ -228,14 +253,22 @@ class Generator:
         for _ in range(t):
             self._run(sess, "iteration", iteration)
         self._run(sess, "prompt", prompt_pass)
-        self._decode(sess, max_new_tokens)
-        return self._result(sess, b, passes_before=1 + t)
+        self._decode(sess, max_new_tokens, stop)
+        return self._result(sess, b, 1 + t, stop)
 
     @torch.no_grad()
-    def text(self, input_ids: torch.Tensor, input_mask: torch.Tensor, max_new_tokens: int):
-        """Plain greedy generation after left-padded prompt rows ``input_ids [B, S]``."""
+    def text(
+        self,
+        input_ids: torch.Tensor,
+        input_mask: torch.Tensor,
+        max_new_tokens: int,
+        stop_token: int | None | Default = DEFAULT,
+    ) -> Generation:
+        """Plain greedy generation after left-padded prompt rows ``input_ids [B, S]``
+        (``stop_token`` as in ``latent``)."""
+        stop = self.bb.ids.eos if stop_token is DEFAULT else stop_token
         b, s_in = input_ids.shape
-        key = ("text", b, s_in, max_new_tokens)
+        key = ("text", b, s_in, max_new_tokens, stop)
         sess = self._session(key, b, s_in, s_in + max_new_tokens - 1, max_new_tokens)
         sess.inputs.copy_(input_ids)
         sess.input_mask.copy_(input_mask)
@@ -247,8 +280,8 @@ class Generator:
             sess.cur.fill_(s_in)
 
         self._run(sess, "prefill", prefill)
-        self._decode(sess, max_new_tokens)
-        return self._result(sess, b, passes_before=0)
+        self._decode(sess, max_new_tokens, stop)
+        return self._result(sess, b, 0, stop)
 
 
 def generate_latent(

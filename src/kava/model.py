@@ -35,9 +35,12 @@ def selected_nll(
     """
     target = labels[:, 1:]
     sel = target != IGNORE
-    logits = backbone.logits(hidden[:, :-1][sel])  # [N_sel, V]
-    nll = nn.functional.cross_entropy(logits, target[sel], reduction="none")
-    rows = sel.nonzero()[:, 0]
+    flat = sel.flatten().nonzero().squeeze(1)  # [N_sel] into the B x (S-1) positions
+    # index_select (backward: index_add), not a boolean mask (a sort-based index_put)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, flat)
+    logits = backbone.logits(h)  # [N_sel, V]
+    nll = nn.functional.cross_entropy(logits, target.flatten()[flat], reduction="none")
+    rows = flat // target.shape[1]
     nll_sum = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(
         0, rows, nll
     )
