@@ -161,6 +161,9 @@ class Backbone(nn.Module):
         self.fast_path_blocker = layers.unsupported_reason(self.decoder)
         self.fast = self.fast_path_blocker is None
         self._layer_fn = layers.layer_pass
+        # the two halves of a static-cache layer pass (generation), around the cache write
+        self._eager_fns = (layers.attention_inputs, layers.attention_output)
+        self._static_fns = self._eager_fns
         self._checkpoint = False
 
     # --- building ----------------------------------------------------------------------
@@ -225,6 +228,7 @@ class Backbone(nn.Module):
         output_hidden_states: bool = False,
         query_start: int | torch.Tensor | None = None,
         capture: RowCapture | None = None,
+        compiled: bool = True,
     ) -> PassOutput:
         """One pass of the decoder over ``inputs_embeds [B, S, D]``.
 
@@ -234,8 +238,10 @@ class Backbone(nn.Module):
         (default: the new tokens are the last ``S`` columns). ``cache``: a
         ``kava.kv.KVCache`` (a fresh growing one when None) that the pass writes into.
         ``capture``: rows of the queries / keys / values to keep (teacher pass; a cache
-        without prefix). Returns ``last_hidden_state`` (after the final norm) and, if
-        asked, ``hidden_states`` (embeddings + every layer, HF's convention).
+        without prefix). ``compiled=False``: a static-cache pass runs the eager layer
+        code even after ``compile_generation`` (prefill-sized passes, see there).
+        Returns ``last_hidden_state`` (after the final norm) and, if asked,
+        ``hidden_states`` (embeddings + every layer, HF's convention).
         """
         if cache is None:
             cache = KVCache.growing()
@@ -259,9 +265,10 @@ class Backbone(nn.Module):
         query_index = capture.query_index if capture is not None else None
         for i, layer in enumerate(self.layers):
             if cache.is_static:
-                q, k, v = layers.attention_inputs(layer, h, cos, sin)
-                keys, values = cache.write(i, k, v)
-                h = layers.attention_output(layer, h, q, keys, values, mask)
+                inputs_fn, output_fn = self._static_fns if compiled else self._eager_fns
+                q, k, v = inputs_fn(layer, h, cos, sin)
+                keys, values = cache.write(i, k, v)  # in place, outside any compiled code
+                h = output_fn(layer, h, q, keys, values, mask)
             else:
                 h, k, v, q_rows = self._run_layer(
                     layer, h, cos, sin, mask, cache.segments(i), query_index
@@ -348,6 +355,26 @@ class Backbone(nn.Module):
             )
             for layer in self.layers:
                 layer.compile(**options)
+
+    def compile_generation(self, **options) -> bool:
+        """``torch.compile`` the static-cache layer pass of generation (``options`` go to
+        ``torch.compile``): its two halves, attention inputs (norm, q/k/v, RoPE) and
+        attention output (attention, o_proj, residuals, norm, MLP), each one graph for
+        every layer. Decoding a token runs ~30 small kernels per layer eagerly (HF's fp32
+        RMSNorm, RoPE's rotate_half, SiLU-and-mul each several); compiled, a few fused ones
+        (measured on an H200, Llama-1B shape, batch 64: a decoding step 3.1 -> 2.3 ms).
+        Prefill-sized passes gain nothing (their matmuls dominate) and ran slower
+        compiled (pass 0: 29 -> 36 ms), so ``kava.inference`` runs those with
+        ``compiled=False``. The cache write between the halves stays eager and in place.
+        Returns False (and changes nothing) off the fast path."""
+        if not self.fast:
+            log.warning("generation runs uncompiled: %s", self.fast_path_blocker)
+            return False
+        self._static_fns = (
+            torch.compile(layers.attention_inputs, **options),
+            torch.compile(layers.attention_output, **options),
+        )
+        return True
 
 
 def _checkpointed(forward):

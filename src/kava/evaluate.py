@@ -157,8 +157,9 @@ def evaluate(
     Questions are batched by length (longest first, ``batch_size`` defaults to
     ``cfg.eval.batch_size``) to limit padding; results keep the order of ``examples``.
     Runs in eval mode under ``no_grad`` on the device of ``backbone.new_token_embeddings``,
-    on a LoRA-merged copy (``eval.merge_lora``; ``backbone`` is left untouched) with CUDA
-    graphs on CUDA (``eval.cuda_graphs``); the previous train/eval mode is restored.
+    on a LoRA-merged copy (``eval.merge_lora``; ``backbone`` is left untouched) with
+    compiled layer passes and CUDA graphs on CUDA (``eval.compile``, ``eval.cuda_graphs``);
+    the previous train/eval mode is restored.
 
     With ``out_dir``: ``metrics.json`` and ``predictions.jsonl`` (one record per example
     in input order: index, question, gold, prediction, parsed, correct, passes,
@@ -175,7 +176,12 @@ def evaluate(
     order = sorted(range(n), key=lambda i: len(prompts.rows[i]), reverse=True)
     device = backbone.new_token_embeddings.device
     model = inference_model(backbone, cfg)
-    generator = Generator(model, cuda_graphs=cfg.eval.cuda_graphs and device.type == "cuda")
+    on_cuda = device.type == "cuda"
+    generator = Generator(
+        model,
+        cuda_graphs=cfg.eval.cuda_graphs and on_cuda,
+        compile=cfg.eval.compile and on_cuda,
+    )
     # a merged copy holds every weight in one dtype; the unmerged model mixes bf16 frozen
     # weights with fp32 LoRA on CUDA (no autocast weight cache: CUDA graphs)
     autocast = (

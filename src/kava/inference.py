@@ -9,9 +9,12 @@ Every question of a batch lives in one ``kava.kv.KVCache`` in the static layout:
 question (left-padded), the M latent slots, ``<eot> ++ prompt`` and the decoded tokens
 each own fixed columns, written in place. Nothing grows per token (no ``torch.cat``), the
 decoding column is a device tensor, and the stop check (all rows produced eos) reads the
-device every ``check_every`` tokens instead of every token. On CUDA each pass (pass 0, a
-Jacobi iteration, the prompt pass, one decoding step) is captured once per batch shape
-as a CUDA graph and replayed (``cuda_graphs``; off = the same code run eagerly).
+device every ``check_every`` tokens instead of every token. On CUDA each launch-bound
+pass (a Jacobi iteration, the prompt pass, one decoding step) is captured once per batch
+shape as a CUDA graph and replayed (``cuda_graphs``; off = the same code run eagerly),
+after ``torch.compile`` has fused each layer pass's small kernels (``compile``); the
+question pass (pass 0, prefill) runs uncompiled, and eagerly where it is large enough to
+be compute-bound (``Generator._pass``).
 
 Masks and positions are built exactly as in training (kava.attention), so a question
 decodes the same alone or inside a left-padded batch.
@@ -78,18 +81,39 @@ class Generator:
     """Greedy generation for one backbone; keeps a session per batch shape.
 
     ``cuda_graphs``: capture each pass as a CUDA graph (default: on where the backbone is
-    on CUDA). ``check_every``: decoding steps between two reads of "every row is done".
+    on CUDA). ``compile``: ``torch.compile`` the layer passes first
+    (``Backbone.compile_generation``, dynamic shapes; default: on CUDA; a dict is passed
+    to ``torch.compile`` as options). ``check_every``: decoding steps between two reads of
+    "every row is done". ``graph_prefill_tokens``: the question pass (pass 0, prefill) is
+    graphed too when it carries at most this many positions (batch x columns): small
+    ones are launch-bound like decoding (batch 1 on an H200: 2.0 ms graphed, ~16 ms
+    eager); large ones are compute-bound, where a graph saves nothing and its capture
+    costs a warm-up pass per batch shape.
     """
 
-    def __init__(self, backbone: Backbone, cuda_graphs: bool | None = None, check_every: int = 8):
+    def __init__(
+        self,
+        backbone: Backbone,
+        cuda_graphs: bool | None = None,
+        check_every: int = 8,
+        compile: bool | dict | None = None,
+        graph_prefill_tokens: int = 2048,
+    ):
         self.bb = backbone
         self.device = backbone.new_token_embeddings.device
+        on_cuda = self.device.type == "cuda"
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda"
-        if cuda_graphs and self.device.type != "cuda":
+            cuda_graphs = on_cuda
+        if cuda_graphs and not on_cuda:
             raise ValueError("cuda_graphs needs the backbone on a CUDA device")
         self.cuda_graphs = cuda_graphs
+        if compile is None:
+            compile = on_cuda
+        self.compiled = bool(compile) and backbone.compile_generation(
+            **({"dynamic": True} | (compile if isinstance(compile, dict) else {}))
+        )
         self.check_every = max(1, check_every)
+        self.graph_prefill_tokens = graph_prefill_tokens
         self.sessions: dict[tuple, _Session] = {}
 
     # --- sessions and passes -------------------------------------------------------------
@@ -115,11 +139,12 @@ class Generator:
             sess.reset()
         return sess
 
-    def _run(self, sess: _Session, name: str, fn: Callable[[], None]) -> None:
+    def _run(self, sess: _Session, name: str, fn: Callable[[], None], graph: bool = True) -> None:
         """Run ``fn`` (a pass that only reads and writes ``sess`` buffers): eagerly, or by
         replaying its CUDA graph. The first call runs it for real on a side stream (the
-        warm-up a capture needs) and then captures it; capturing executes nothing."""
-        if not self.cuda_graphs:
+        warm-up a capture needs) and then captures it; capturing executes nothing.
+        ``graph=False``: always eagerly (the question pass, see ``_pass``)."""
+        if not (self.cuda_graphs and graph):
             fn()
             return
         graph = sess.graphs.get(name)
@@ -138,8 +163,15 @@ class Generator:
             fn()
         sess.graphs[name] = graph
 
-    def _pass(self, sess: _Session, embeds: torch.Tensor, start: int | torch.Tensor):
-        """One decoder pass over ``embeds [B, n, D]`` written at columns ``[start, start+n)``."""
+    def _pass(self, sess: _Session, embeds: torch.Tensor, start: int | torch.Tensor, prefill=False):
+        """One decoder pass over ``embeds [B, n, D]`` written at columns ``[start, start+n)``.
+
+        ``prefill``: the question's pass (latent pass 0, text prefill), run uncompiled:
+        with B x S_q positions of large matmuls it gains nothing from fusion and ran
+        slower compiled (see ``Backbone.compile_generation``); it is graphed only when
+        small (``graph_prefill_tokens``). Every other pass (Jacobi iterations, prompt
+        pass, decoding steps) carries few tokens and is launch-bound: compiled, graphed.
+        """
         n = embeds.shape[1]
         sess.cache.start = start
         return self.bb(
@@ -148,6 +180,7 @@ class Generator:
             positions_from_mask(sess.key_mask, n, start),
             sess.cache,
             query_start=start,
+            compiled=not prefill,
         )
 
     def _decode(self, sess: _Session, max_new: int, stop: int | None) -> None:
@@ -234,7 +267,7 @@ class Generator:
             sess.key_mask[:, :s_q].copy_(sess.input_mask)
             sess.key_mask[:, s_q : s_q + m] = True
             slots = sess.inputs.new_full((b, m), ids.latent)
-            out = self._pass(sess, bb.embed(torch.cat([sess.inputs, slots], 1)), 0)
+            out = self._pass(sess, bb.embed(torch.cat([sess.inputs, slots], 1)), 0, prefill=True)
             if t > 0:
                 h = out.last_hidden_state[:, s_q - 1 : s_q - 1 + m]
                 sess.latents.copy_(first_latent_inputs(bb, h))
@@ -249,7 +282,7 @@ class Generator:
             sess.last_hidden.copy_(out.last_hidden_state[:, -1])
             sess.cur.fill_(s_q + m + p)
 
-        self._run(sess, "pass0", pass0)
+        self._run(sess, "pass0", pass0, graph=b * (s_q + m) <= self.graph_prefill_tokens)
         for _ in range(t):
             self._run(sess, "iteration", iteration)
         self._run(sess, "prompt", prompt_pass)
@@ -275,11 +308,11 @@ class Generator:
 
         def prefill() -> None:
             sess.key_mask[:, :s_in].copy_(sess.input_mask)
-            out = self._pass(sess, self.bb.embed(sess.inputs), 0)
+            out = self._pass(sess, self.bb.embed(sess.inputs), 0, prefill=True)
             sess.last_hidden.copy_(out.last_hidden_state[:, -1])
             sess.cur.fill_(s_in)
 
-        self._run(sess, "prefill", prefill)
+        self._run(sess, "prefill", prefill, graph=b * s_in <= self.graph_prefill_tokens)
         self._decode(sess, max_new_tokens, stop)
         return self._result(sess, b, 0, stop)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -65,6 +65,30 @@ def attention_inputs(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: 
     return q, k, v
 
 
+def grouped_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """SDPA of ``q [B, H_q, S, d]`` over ``keys``/``values [B, H_kv, S_k, d]`` under ``mask
+    [B, 1, S, S_k]`` (bool), for grouped-query attention without copying K/V per head.
+
+    HF's ``repeat_kv`` materialises K/V ``H_q / H_kv`` times per layer and pass (in
+    decoding, a copy of the whole cache per token). Here the ``G = H_q / H_kv`` query heads
+    that share KV head ``j`` (heads ``j*G .. j*G+G-1``, as ``repeat_kv`` pairs them) become
+    ``G * S`` query rows of head ``j``, and the mask rows are repeated to match: the same
+    attention, row by row. Returns ``[B, H_q, S, d]``.
+    """
+    b, h_q, s, d = q.shape
+    h_kv = keys.shape[1]
+    g = h_q // h_kv
+    if g == 1:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    rows = q.reshape(b, h_kv, g * s, d)  # row r = (group r // S, query r % S)
+    mask = mask.expand(b, 1, s, mask.shape[-1])
+    mask = mask[:, :, None].expand(b, 1, g, s, mask.shape[-1]).reshape(b, 1, g * s, -1)
+    out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(b, h_q, s, d)  # SDPA may return a [B, S, H, d]-strided result
+
+
 def attention_output(
     layer: nn.Module,
     h: torch.Tensor,
@@ -76,10 +100,7 @@ def attention_output(
     """The rest of the layer: attention of ``q`` over ``keys``/``values`` ``[B, H_kv, S_k,
     d]`` under ``mask [B, 1, S, S_k]``, output projection, residual, MLP, residual."""
     attn = layer.self_attn
-    groups = q.shape[1] // keys.shape[1]
-    out = F.scaled_dot_product_attention(
-        q, repeat_kv(keys, groups), repeat_kv(values, groups), attn_mask=mask, scale=attn.scaling
-    )
+    out = grouped_attention(q, keys, values, mask, attn.scaling)
     h = h + attn.o_proj(out.transpose(1, 2).reshape(*h.shape[:-1], -1))
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
