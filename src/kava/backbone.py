@@ -291,6 +291,12 @@ class Backbone(nn.Module):
             return torch.utils.checkpoint.checkpoint(self._layer_fn, *args, use_reentrant=False)
         return self._layer_fn(*args)
 
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE ``cos, sin [B, N, d]`` (float32) of ``position_ids [B, N]``, as the layers
+        apply them."""
+        probe = self.new_token_embeddings.new_zeros((), dtype=torch.float32)
+        return self.decoder.rotary_emb(probe, position_ids=position_ids)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` final hidden states -> ``[..., V]`` float32 logits over real tokens.
 

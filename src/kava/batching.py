@@ -30,6 +30,9 @@ class Encoded:
     cot: list[int]  # CoT steps as the teacher sees them (last step dropped if configured)
     prompt: list[int]  # " The answer is:"
     answer: list[int]  # " 18" (eos not included)
+    # the CoT step by step (``encode_steps``; Coconut's stages remove whole steps):
+    # ``cot`` is then their concatenation
+    steps: tuple[tuple[int, ...], ...] = ()
 
 
 def encode(
@@ -55,6 +58,32 @@ def encode(
         prompt=tok(" " + answer_prompt.strip()),
         answer=tok(" " + answer.strip()),
     )
+
+
+def encode_steps(
+    question: str,
+    steps: Sequence[str],
+    answer: str,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: SpecialIds,
+    answer_prompt: str = "The answer is:",
+) -> Encoded:
+    """Tokenize one example keeping its CoT steps apart: step ``i`` is `` step_i`` (all
+    steps kept), and ``cot`` is their concatenation."""
+    base = encode(question, (), answer, tokenizer, ids, answer_prompt, drop_last_step=False)
+    per_step = tuple(
+        tuple(tokenizer(" " + s.strip(), add_special_tokens=False).input_ids)
+        for s in steps
+        if s.strip()
+    )
+    cot = [t for step in per_step for t in step]
+    return Encoded(base.question, cot, base.prompt, base.answer, per_step)
+
+
+def drop_cot_prefix(e: Encoded, n: int) -> Encoded:
+    """``e`` with its first ``n`` CoT tokens removed (iCoT; all of them when ``n`` is at
+    least the CoT's length)."""
+    return Encoded(e.question, e.cot[n:], e.prompt, e.answer)
 
 
 @dataclass
@@ -163,3 +192,54 @@ def collate_student(items: Sequence[Encoded], ids: SpecialIds, bucket: int = 1) 
 def collate(items: Sequence[Encoded], ids: SpecialIds, bucket: int = 1) -> Batch:
     """Teacher and student batches; every padded dimension a multiple of ``bucket``."""
     return Batch(collate_teacher(items, ids, bucket), collate_student(items, ids, bucket))
+
+
+@dataclass
+class CoconutBatch:
+    """One Coconut training batch (kava.coconut): ``question ++ <bot>`` (left-padded), up
+    to ``N`` continuous-thought columns, then ``<eot> ++ remaining steps ++ prompt ++
+    answer ++ eos`` (right-padded). Row ``i`` uses the first ``n_i`` thought columns; the
+    others are masked padding."""
+
+    question_ids: torch.Tensor  # [B, S_q] left-padded, ends with <bot> in every row
+    question_mask: torch.Tensor  # [B, S_q] bool
+    thought_mask: torch.Tensor  # [B, N] bool, True for the row's first n_i columns
+    rest_ids: torch.Tensor  # [B, S_r] <eot> ++ remaining steps ++ prompt ++ answer ++ eos
+    rest_mask: torch.Tensor  # [B, S_r] bool
+    rest_labels: torch.Tensor  # [B, S_r], IGNORE on <eot> and pads
+
+    def to(self, device) -> CoconutBatch:
+        return CoconutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def collate_coconut(
+    items: Sequence[Encoded],
+    ids: SpecialIds,
+    thoughts: Sequence[int],
+    skip_steps: Sequence[int],
+    bucket: int = 1,
+) -> CoconutBatch:
+    """Row ``i``: ``thoughts[i]`` continuous thoughts in place of its first
+    ``skip_steps[i]`` CoT steps (``encode_steps`` items)."""
+    if not (len(items) == len(thoughts) == len(skip_steps)):
+        raise ValueError("one thought count and one skip count per item")
+    questions = [e.question + [ids.bot] for e in items]
+    rests = [
+        [ids.eot] + [t for step in e.steps[k:] for t in step] + e.prompt + e.answer + [ids.eos]
+        for e, k in zip(items, skip_steps)
+    ]
+    n = max(thoughts, default=0)
+    rest_ids = pad_rows(rests, ids.pad, multiple_of=bucket)
+    rest_mask = pad_rows([[1] * len(r) for r in rests], 0, multiple_of=bucket).bool()
+    labels = rest_ids.masked_fill(~rest_mask, IGNORE)
+    labels[:, 0] = IGNORE  # <eot> is given, not predicted
+    return CoconutBatch(
+        question_ids=pad_rows(questions, ids.pad, left=True, multiple_of=bucket),
+        question_mask=pad_rows(
+            [[1] * len(q) for q in questions], 0, left=True, multiple_of=bucket
+        ).bool(),
+        thought_mask=torch.arange(n)[None, :] < torch.tensor(list(thoughts))[:, None],
+        rest_ids=rest_ids,
+        rest_mask=rest_mask,
+        rest_labels=labels,
+    )

@@ -60,7 +60,9 @@ class TeacherConfig:
 
 @dataclass
 class RkvConfig:
-    method: Literal["rkv", "attention", "redundancy", "crop", "random"] = "rkv"
+    # rkv / attention / redundancy: scored (METHOD.md 2); controls: crop (first M), random,
+    # uniform (M positions evenly spaced over each row's CoT, same for every layer and head)
+    method: Literal["rkv", "attention", "redundancy", "crop", "random", "uniform"] = "rkv"
     lam: float = field(default=0.1, metadata={"key": "lambda"})
     order: Literal["position", "score"] = "position"
     seed: int = 0  # for method=random
@@ -71,6 +73,36 @@ class KvLossConfig:
     type: Literal["smooth_l1", "mse", "l1"] = "smooth_l1"
     layerwise_std: bool = True
     iterations: Literal["last", "all"] = "last"
+    # Keys compared after RoPE (as cached) or before it (teacher and student keys
+    # un-rotated at their own positions first); eviction scores use post-RoPE keys either way.
+    keys: Literal["post_rope", "pre_rope"] = "post_rope"
+
+
+@dataclass
+class CoconutConfig:
+    """Coconut's curriculum (method: coconut); defaults = the official GSM8k recipe."""
+
+    thoughts_per_step: int = 2  # c: continuous thoughts that replace one CoT step
+    max_latent_stage: int = 3  # stages 1..max replace the first k steps by k*c thoughts
+    epochs_per_stage: float = 3.0  # stage = floor(epoch / epochs_per_stage), from the step
+    # past the last stage all steps are gone; True: max_latent_stage*c thoughts always
+    # (official pad_latent_to_max), False: min(steps, max_latent_stage)*c per example
+    pad_latent_to_max: bool = True
+    uniform_prob: float = 0.0  # probability that an example trains at a random stage
+    reset_optimizer: bool = True  # fresh optimizer state at every stage switch
+
+
+@dataclass
+class IcotConfig:
+    """iCoT's removal schedule (method: icot); defaults = the official GSM8k recipe."""
+
+    remove_per_epoch: float = 8.0  # CoT tokens removed from the left per epoch
+    remove_start_from: int = 0  # tokens removed from step 0 on
+    # once the scheduled count reaches this, the whole CoT is removed (null = never)
+    remove_all_when_remove_beyond: int | None = 39
+    # each example removes s extra tokens with probability ~ exp(-lambda * s) (null = none)
+    removal_smoothing_lambda: float | None = 4.0
+    reset_optimizer: bool = True  # fresh optimizer state whenever the count increases
 
 
 @dataclass
@@ -89,6 +121,11 @@ class DataConfig:
     synthetic_min_steps: int = 2
     synthetic_max_steps: int = 4
     steps_format: Literal["equation", "nl"] = "equation"  # for GSM8k jsonl files
+    # MetaMathQA rows kept by their `type` (the GSM-derived ones have numeric answers;
+    # the MATH ones are LaTeX); rows of other types are counted and reported, not used
+    metamath_types: list[str] = field(
+        default_factory=lambda: ["GSM_AnsAug", "GSM_Rephrased", "GSM_SV", "GSM_FOBAR"]
+    )
     max_question_tokens: int = 256
     max_cot_tokens: int = 256
     max_answer_tokens: int = 32
@@ -121,6 +158,9 @@ class TrainConfig:
     # memory, ~1/3 more compute). kava's own non-reentrant checkpointing: the KV cache
     # stays in the graph (HF's would drop it: use_cache=False, cache=None).
     activation_checkpointing: bool = False
+    # A checkpoint folder (e.g. a CoT run's final/) whose trainable tensors initialise
+    # this run (Coconut's recipe starts from CoT fine-tuning); same model and LoRA shape.
+    init_from: str | None = None
 
 
 @dataclass
@@ -150,6 +190,8 @@ class KavaConfig:
     rkv: RkvConfig = field(default_factory=RkvConfig)
     kv_loss: KvLossConfig = field(default_factory=KvLossConfig)
     codi_loss: CodiLossConfig = field(default_factory=CodiLossConfig)
+    coconut: CoconutConfig = field(default_factory=CoconutConfig)
+    icot: IcotConfig = field(default_factory=IcotConfig)
     alpha1: float = 10.0  # CODI loss weight
     alpha2: float = 1.0  # KV loss weight
     answer_prompt: str = "The answer is:"
@@ -186,6 +228,13 @@ class KavaConfig:
         if self.method_spec.sequential:
             return max(self.latent.num_iterations, self.latent.num_latents)
         return self.latent.num_iterations
+
+    @property
+    def coconut_eval_thoughts(self) -> int:
+        """Continuous thoughts at evaluation: those of the last stage (the official
+        ``pad_latent_to_max`` recipe; kava uses them for ``pad_latent_to_max: false`` too,
+        since a question's step count is unknown at test time)."""
+        return self.coconut.max_latent_stage * self.coconut.thoughts_per_step
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -322,6 +371,24 @@ def validate(cfg: KavaConfig) -> None:
     _check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
     _check(cfg.eval.cot_max_new_tokens >= 1, "eval.cot_max_new_tokens", "must be >= 1")
     _check(len(cfg.eval.datasets) > 0, "eval.datasets", "must not be empty")
+    c = cfg.coconut
+    _check(c.thoughts_per_step >= 1, "coconut.thoughts_per_step", "must be >= 1")
+    _check(c.max_latent_stage >= 0, "coconut.max_latent_stage", "must be >= 0")
+    _check(c.epochs_per_stage > 0, "coconut.epochs_per_stage", "must be > 0")
+    _check(0.0 <= c.uniform_prob <= 1.0, "coconut.uniform_prob", "must be in [0, 1]")
+    i = cfg.icot
+    _check(i.remove_per_epoch > 0, "icot.remove_per_epoch", "must be > 0")
+    _check(i.remove_start_from >= 0, "icot.remove_start_from", "must be >= 0")
+    _check(
+        i.remove_all_when_remove_beyond is None or i.remove_all_when_remove_beyond >= 0,
+        "icot.remove_all_when_remove_beyond",
+        "must be >= 0 or null",
+    )
+    _check(
+        i.removal_smoothing_lambda is None or i.removal_smoothing_lambda > 0,
+        "icot.removal_smoothing_lambda",
+        "must be > 0 or null (no smoothing)",
+    )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

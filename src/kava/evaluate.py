@@ -8,7 +8,10 @@ parses the number, and reports accuracy next to the mean forward passes:
   latents, T Jacobi iterations, ``<eot> ++ prompt`` and the answer
   (``1 + T + n_generated`` passes);
 * written CoT (CoT): the question; the model writes its CoT, " The answer is: N" and eos;
-* direct answer (No-CoT): ``question ++ prompt``; the model writes the answer and eos.
+* continuous thoughts (Coconut): ``question ++ <bot>``, ``max_latent_stage x c`` thoughts,
+  ``<eot> ++ prompt`` and the answer (``n_thoughts + n_generated`` passes);
+* direct answer (No-CoT, iCoT): ``question ++ prompt``; the model writes the answer and
+  eos.
 
 Parsing: the number after the last answer prompt, else the last number in the text. A
 generation that starts after the prompt gets it prepended before parsing.
@@ -125,6 +128,14 @@ def generate(
             answer_prompt,
             num_latents=cfg.latent.num_latents,
             num_iterations=cfg.effective_iterations,
+            max_new_tokens=cfg.eval.max_new_tokens,
+        )
+    if spec.inference == "thoughts":
+        return generator.coconut(
+            ids,
+            mask,
+            answer_prompt,
+            num_thoughts=cfg.coconut_eval_thoughts,
             max_new_tokens=cfg.eval.max_new_tokens,
         )
     if spec.inference != "text":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-METHODS = ("rkv", "attention", "redundancy", "crop", "random")
+METHODS = ("rkv", "attention", "redundancy", "crop", "random", "uniform")
 
 
 def _masked_softmax(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -74,6 +74,21 @@ def rkv_scores(
     return score.masked_fill(~cot_mask[:, None, :], float("-inf"))
 
 
+def uniform_keep(cot_mask: torch.Tensor, m: int) -> torch.Tensor:
+    """``[B, N_c]`` bool: ``m`` real CoT positions evenly spaced over each row's CoT.
+
+    With ``n`` real tokens (``n > m``), the kept ones are those of rank
+    ``floor((i + 0.5) * n / m)``, ``i = 0..m-1`` (centres of m equal segments, distinct
+    since n > m); a CoT of at most ``m`` tokens is kept whole.
+    """
+    cot_mask = cot_mask.bool()
+    n = cot_mask.sum(-1, keepdim=True)  # [B, 1]
+    rank = cot_mask.long().cumsum(-1) - 1  # [B, N_c] rank among the real tokens
+    centres = ((torch.arange(m, device=n.device) + 0.5) * n / m).floor().long()  # [B, m]
+    chosen = (rank[:, :, None] == centres[:, None, :]).any(-1)
+    return cot_mask & (chosen | (n <= m))
+
+
 def eviction_scores(
     method: str,
     q_answer: torch.Tensor,
@@ -82,8 +97,11 @@ def eviction_scores(
     cot_mask: torch.Tensor,
     lam: float = 0.1,
     generator: torch.Generator | None = None,
+    m: int | None = None,
 ) -> torch.Tensor:
-    """Scores for ``method`` in ``METHODS``; top-m of them are kept. ``[B, H_kv, N_c]``."""
+    """Scores for ``method`` in ``METHODS``; top-m of them are kept. ``[B, H_kv, N_c]``.
+
+    ``m`` (the number kept) is needed by ``uniform`` only."""
     cot_mask = cot_mask.bool()
     if method == "rkv":
         return rkv_scores(q_answer, k_cot, answer_mask, cot_mask, lam)
@@ -96,6 +114,10 @@ def eviction_scores(
         score = -torch.arange(n, dtype=torch.float32, device=k_cot.device).expand(b, h, n)
     elif method == "random":
         score = torch.rand((b, h, n), generator=generator, device="cpu").to(k_cot.device)
+    elif method == "uniform":  # the same positions for every layer and head
+        if m is None:
+            raise ValueError("eviction method 'uniform' needs m, the number of entries kept")
+        score = uniform_keep(cot_mask, m).float()[:, None, :].expand(b, h, n)
     else:
         raise ValueError(f"unknown eviction method {method!r}; choose from {METHODS}")
     return score.masked_fill(~cot_mask[:, None, :], float("-inf"))

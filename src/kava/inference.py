@@ -2,6 +2,8 @@
 
 * latent (Jacobi): pass 0 + T Jacobi iterations + ``<eot> ++ prompt`` pass + one pass per
   further answer token: ``1 + T + 1 + (n_generated - 1)`` passes;
+* Coconut: ``question ++ <bot>`` + one pass per further thought + the last thought with
+  ``<eot> ++ prompt`` + one pass per further answer token: ``n_thoughts + n_generated``;
 * text (CoT / No-CoT / iCoT): prefill of the prompt row + one pass per further token:
   ``1 + (n_generated - 1)``.
 
@@ -288,6 +290,64 @@ class Generator:
         self._run(sess, "prompt", prompt_pass)
         self._decode(sess, max_new_tokens, stop)
         return self._result(sess, b, 1 + t, stop)
+
+    @torch.no_grad()
+    def coconut(
+        self,
+        question_ids: torch.Tensor,
+        question_mask: torch.Tensor,
+        prompt_ids: list[int],
+        num_thoughts: int,
+        max_new_tokens: int = 16,
+        stop_token: int | None | Default = DEFAULT,
+    ) -> Generation:
+        """Coconut: ``question ++ <bot>`` (left-padded, ``question_ids [B, S_q]``), then
+        ``num_thoughts`` continuous thoughts (each the last hidden state of the previous
+        position, one pass per thought), then ``<eot> ++ prompt`` and the answer
+        (``stop_token`` as in ``latent``). The last thought shares the ``<eot> ++ prompt``
+        pass, as in training (kava.coconut): ``num_thoughts + n_generated`` passes, or
+        ``1 + n_generated`` without thoughts."""
+        stop = self.bb.ids.eos if stop_token is DEFAULT else stop_token
+        bb, ids = self.bb, self.bb.ids
+        b, s_q = question_ids.shape
+        n = num_thoughts
+        p = 1 + len(prompt_ids)  # <eot> ++ prompt
+        length = s_q + n + p + max_new_tokens - 1
+        key = ("thoughts", b, s_q, n, tuple(prompt_ids), max_new_tokens, stop)
+        sess = self._session(key, b, s_q, length, max_new_tokens)
+        sess.inputs.copy_(question_ids)
+        sess.input_mask.copy_(question_mask)
+        if sess.prompt is None:
+            sess.prompt = torch.tensor([[ids.eot, *prompt_ids]] * b, device=self.device)
+
+        def question_pass() -> None:
+            sess.key_mask[:, :s_q].copy_(sess.input_mask)
+            out = self._pass(sess, bb.embed(sess.inputs), 0, prefill=True)
+            sess.last_hidden.copy_(out.last_hidden_state[:, -1])  # thought 1
+            sess.cur.fill_(s_q)
+
+        def thought_pass() -> None:  # writes the thought at column cur
+            sess.key_mask.index_fill_(1, sess.cur.view(1), True)
+            out = self._pass(sess, sess.last_hidden[:, None], sess.cur)
+            sess.last_hidden.copy_(out.last_hidden_state[:, -1])  # the next thought
+            sess.cur.add_(1)
+
+        def final_pass() -> None:  # the last thought (if any) ++ <eot> ++ prompt
+            start = s_q + n - 1 if n else s_q
+            sess.key_mask[:, start : s_q + n + p] = True
+            inputs = bb.embed(sess.prompt)
+            if n:
+                inputs = torch.cat([sess.last_hidden[:, None].to(inputs.dtype), inputs], 1)
+            out = self._pass(sess, inputs, start)
+            sess.last_hidden.copy_(out.last_hidden_state[:, -1])
+            sess.cur.fill_(s_q + n + p)
+
+        self._run(sess, "question", question_pass, graph=b * s_q <= self.graph_prefill_tokens)
+        for _ in range(n - 1):
+            self._run(sess, "thought", thought_pass)
+        self._run(sess, "final", final_pass)
+        self._decode(sess, max_new_tokens, stop)
+        return self._result(sess, b, n if n else 1, stop)
 
     @torch.no_grad()
     def text(

@@ -175,6 +175,7 @@ def eviction_choice(
         tb.cot_mask.expand(n_layers, -1),
         r.lam,
         torch.Generator().manual_seed(r.seed),
+        cfg.latent.num_latents,
     )  # [L, H_kv, N]
     n = scores.shape[-1]
     m = cfg.latent.num_latents

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -127,3 +127,11 @@ def layer_pass(
         idx = query_index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])
         q_rows = torch.gather(q, 2, idx).detach()
     return attention_output(layer, h, q, keys, values, mask), k, v, q_rows
+
+
+def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo RoPE: the pre-RoPE keys of post-RoPE ``keys [..., B, H, N, d]`` whose positions
+    gave ``cos, sin [B, N, d]`` (``Backbone.rope``). RoPE rotates each pair of dims by
+    its angle (``k * cos + rotate_half(k) * sin``); the inverse rotates by minus it."""
+    cos, sin = cos[:, None].to(keys.dtype), sin[:, None].to(keys.dtype)  # [B, 1, N, d]
+    return keys * cos - rotate_half(keys) * sin

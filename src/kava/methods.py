@@ -18,19 +18,22 @@ from typing import Literal
 #   sft     - cross-entropy on one written sequence (question ++ cot ++ prompt ++ answer ++ eos)
 #   distill - teacher pass (written CoT) + student latent passes (PCCoT Jacobi iterations)
 #             + answer pass, with the CODI and KV distillation terms
-#   coconut - continuous thoughts fed back one per pass (Coconut), staged curriculum
-Objective = Literal["sft", "distill", "coconut"]
+#   thoughts - continuous thoughts fed back one per pass (Coconut), staged curriculum
+Objective = Literal["sft", "distill", "thoughts"]
 # Which CoT the training sequence holds: all of it, the teacher's (teacher.drop_last_step
 # applies), or none.
 TrainingCot = Literal["full", "teacher", "none"]
 # How a question is answered at evaluation:
 #   text    - greedy decoding after the prompt row (CoT writes its own chain of thought)
 #   jacobi  - pass 0 + T Jacobi iterations over M latents, <eot> ++ prompt, then the answer
-#   coconut - <bot>, continuous thoughts one per pass, <eot> ++ prompt, then the answer
-Inference = Literal["text", "jacobi", "coconut"]
+#   thoughts - <bot>, continuous thoughts one per pass, <eot> ++ prompt, then the answer
+Inference = Literal["text", "jacobi", "thoughts"]
 # What the prompt row holds before generation starts.
 EvalPrompt = Literal["question", "question_prompt", "question_bot"]
-Curriculum = Literal["none", "icot", "coconut"]
+# How the training sequence changes with the optimizer step (kava.curricula):
+#   token_removal  - CoT tokens removed from the left at a constant rate (iCoT)
+#   thought_stages - stage k replaces the first k CoT steps by k*c thoughts (Coconut)
+Curriculum = Literal["none", "token_removal", "thought_stages"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,38 @@ METHODS: dict[str, Method] = {
             writes_cot=False,
             passes="answer tokens",
             **_TEXT,
+        ),
+        Method(
+            "icot",
+            "iCoT",
+            "Deng et al. 2024, stepwise internalization (da03/Internalize_CoT_Step_by_Step)",
+            "fine-tune on the CoT while removing its tokens from the left over training; "
+            "answer directly at evaluation",
+            objective="sft",
+            training_cot="full",
+            curriculum="token_removal",
+            eval_prompt="question_prompt",
+            writes_cot=False,
+            passes="answer tokens",
+            **_TEXT,
+        ),
+        Method(
+            "coconut",
+            "Coconut",
+            "Hao et al. 2024, Coconut (facebookresearch/coconut)",
+            "continuous thoughts: the last hidden state fed back as the next input, one "
+            "thought per pass; stages replace CoT steps by thoughts",
+            objective="thoughts",
+            training_cot="full",
+            codi_loss=False,
+            kv_loss=False,
+            sequential=False,
+            curriculum="thought_stages",
+            inference="thoughts",
+            eval_prompt="question_bot",
+            writes_cot=False,
+            passes="thoughts + answer tokens (question+<bot> pass, one pass per further "
+            "thought, last thought + <eot>+prompt pass, decoding)",
         ),
         Method(
             "codi",

@@ -3,8 +3,9 @@
 ``KavaModel(backbone, cfg)(batch)`` runs, for the methods whose objective is ``distill``
 (kava.methods: KaVa, PCCoT, CODI): teacher pass (CE + captured CoT keys/values and
 answer-span queries) -> eviction to M entries per (layer, KV head) -> student pass 0 + T
-Jacobi iterations + answer pass -> losses. For the ``sft`` objective (CoT, No-CoT) it is
-plain supervised fine-tuning on the teacher sequence.
+Jacobi iterations + answer pass -> losses. For the ``sft`` objective (CoT, No-CoT, iCoT)
+it is plain supervised fine-tuning on the teacher sequence; for ``coconut`` the
+continuous-thought passes of ``kava.coconut``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kava import eviction, losses
+from kava import eviction, layers, losses
 from kava.attention import RowCapture, positions_from_mask
 from kava.backbone import Backbone
-from kava.batching import Batch, StudentBatch, TeacherBatch
+from kava.batching import Batch, CoconutBatch, StudentBatch, TeacherBatch
+from kava.coconut import coconut_forward
 from kava.config import KavaConfig
 from kava.kv import KV, KVCache, stack_kv
 from kava.tokens import IGNORE
@@ -198,16 +200,21 @@ def compress_teacher_kv(
     lam: float = 0.1,
     order: str = "position",
     generator: torch.Generator | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> CompressedKV:
-    """Evict the teacher's CoT KV to ``m`` entries per (layer, KV head), all layers at once."""
+    """Evict the teacher's CoT KV to ``m`` entries per (layer, KV head), all layers at once.
+
+    ``rope``: ``cos, sin [B, N_c, d]`` of the CoT positions: the kept keys are returned
+    un-rotated (pre-RoPE); the eviction scores always use the post-RoPE keys."""
     q, k, v = capture.stacked("queries"), capture.stacked("keys"), capture.stacked("values")
-    n_layers, b = k.shape[:2]
     # Scores in fp32 even inside a bf16 autocast region (einsum would otherwise run in bf16).
     with torch.autocast(k.device.type, enabled=False):
-        return _compress(q, k, v, batch, m, method, lam, order, generator)
+        kept = k if rope is None else layers.unrotate(k.float(), *rope).to(k.dtype)
+        return _compress(q, k, kept, v, batch, m, method, lam, order, generator)
 
 
-def _compress(q, k, v, batch, m, method, lam, order, generator) -> CompressedKV:
+def _compress(q, k, k_kept, v, batch, m, method, lam, order, generator) -> CompressedKV:
+    """Score with ``k``, keep the top-m entries of ``k_kept`` / ``v``."""
     n_layers, b = k.shape[:2]
 
     def fold(x: torch.Tensor) -> torch.Tensor:  # [L, B, ...] -> [L*B, ...]
@@ -217,9 +224,9 @@ def _compress(q, k, v, batch, m, method, lam, order, generator) -> CompressedKV:
         return mask[None].expand(n_layers, *mask.shape).flatten(0, 1)
 
     scores = eviction.eviction_scores(
-        method, fold(q), fold(k), rep(batch.answer_mask), rep(batch.cot_mask), lam, generator
+        method, fold(q), fold(k), rep(batch.answer_mask), rep(batch.cot_mask), lam, generator, m
     )
-    ck, cv, slot = eviction.compress(fold(k), fold(v), scores, rep(batch.cot_mask), m, order)
+    ck, cv, slot = eviction.compress(fold(k_kept), fold(v), scores, rep(batch.cot_mask), m, order)
     shape = (n_layers, b, *ck.shape[1:])
     return CompressedKV(ck.view(shape), cv.view(shape), slot.view(shape[:-1]))
 
@@ -247,8 +254,12 @@ class KavaModel(nn.Module):
         self.cfg = cfg
         self.generator = torch.Generator().manual_seed(cfg.rkv.seed)
 
-    def forward(self, batch: Batch) -> LossOutput:
-        if self.cfg.method_spec.objective == "sft":  # fine-tuning on the written sequence
+    def forward(self, batch: Batch | CoconutBatch) -> LossOutput:
+        objective = self.cfg.method_spec.objective
+        if objective == "thoughts":  # continuous thoughts, one per pass (kava.coconut)
+            ce = losses.mean_ce(*coconut_forward(self.backbone, batch))
+            return LossOutput(ce, {"loss": ce.detach(), "student_ce": ce.detach()})
+        if objective == "sft":  # fine-tuning on the written sequence
             teacher = teacher_forward(self.backbone, batch.teacher, capture_kv=False, hidden=False)
             ce = teacher.ce
             return LossOutput(ce, {"loss": ce.detach(), "teacher_ce": ce.detach()}, teacher=teacher)
@@ -277,6 +288,11 @@ class KavaModel(nn.Module):
         if self.cfg.effective_alpha2 <= 0:
             return None
         r = self.cfg.rkv
+        rope = None
+        if self.cfg.kv_loss.keys == "pre_rope":
+            tb = batch.teacher
+            positions = positions_from_mask(tb.attention_mask, tb.attention_mask.shape[1])
+            rope = self.backbone.rope(positions.gather(1, tb.cot_index))
         return compress_teacher_kv(
             teacher.capture,
             batch.teacher,
@@ -285,6 +301,7 @@ class KavaModel(nn.Module):
             r.lam,
             r.order,
             self.generator,
+            rope,
         )
 
     def latent_passes(self, batch: Batch) -> LatentState:
@@ -296,6 +313,18 @@ class KavaModel(nn.Module):
             cfg.latent.num_latents,
             cfg.effective_iterations,
         )
+
+    def student_latent_keys(
+        self, state: LatentState, passes: list[KV]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(k, v)`` ``[L, B, H_kv, M, d]`` of the latent passes the KV loss reads; keys
+        un-rotated at the latent positions when ``kv_loss.keys`` is ``pre_rope``."""
+        stacked = [stack_kv(p) for p in passes]
+        if self.cfg.kv_loss.keys == "post_rope":
+            return stacked
+        m = self.cfg.latent.num_latents
+        cos, sin = self.backbone.rope(positions_from_mask(state.key_mask, m))
+        return [(layers.unrotate(k, cos, sin), v) for k, v in stacked]
 
     def combine(
         self, teacher: TeacherOutput, student: StudentOutput, compressed: CompressedKV | None
@@ -313,17 +342,19 @@ class KavaModel(nn.Module):
             passes = student.state.iteration_kv[1:] or student.state.iteration_kv
             if cfg.kv_loss.iterations == "last":
                 passes = passes[-1:]
+            student_keys = self.student_latent_keys(student.state, passes)
             kv = torch.stack(
                 [
                     losses.kv_loss(
-                        *stack_kv(p),
+                        k,
+                        v,
                         compressed.k,
                         compressed.v,
                         compressed.slot_mask,
                         cfg.kv_loss.type,
                         cfg.kv_loss.layerwise_std,
                     )
-                    for p in passes
+                    for k, v in student_keys
                 ]
             ).mean()
         total = student.ce + w_teacher * teacher.ce + alpha1 * codi + alpha2 * kv

@@ -18,7 +18,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from kava.backbone import Backbone, build_backbone
-from kava.batching import Encoded, collate, encode
+from kava.batching import CoconutBatch, Encoded, encode, encode_steps
 from kava.checkpoint import (
     TRAINER_STATE,
     latest_checkpoint,
@@ -35,7 +34,9 @@ from kava.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from kava.coconut import coconut_tokens
 from kava.config import KavaConfig, save_config
+from kava.curricula import Curriculum
 from kava.data import DataError, Example, load_examples
 from kava.model import KavaModel
 
@@ -50,8 +51,13 @@ class EncodedData:
 
 
 def encode_for_method(ex: Example, backbone: Backbone, cfg: KavaConfig) -> Encoded:
-    """The training sequence of the method: the full CoT, the teacher's, or none."""
+    """The training sequence of the method: the full CoT, the teacher's, or none; step by
+    step for Coconut (its stages remove whole steps)."""
     kind = cfg.method_spec.training_cot
+    if cfg.method_spec.curriculum == "thought_stages":
+        return encode_steps(
+            ex.question, ex.steps, ex.answer, backbone.tokenizer, backbone.ids, cfg.answer_prompt
+        )
     steps = () if kind == "none" else ex.steps
     drop = cfg.teacher.drop_last_step if kind == "teacher" else False
     return encode(
@@ -98,6 +104,8 @@ def load_train_examples(cfg: KavaConfig) -> list[Example]:
 
 def batch_tokens(batch, cfg: KavaConfig) -> int:
     """Tokens processed by every pass actually run (for tokens/s)."""
+    if isinstance(batch, CoconutBatch):
+        return coconut_tokens(batch)
     n = int(batch.teacher.attention_mask.sum())
     if cfg.method_spec.objective == "distill":
         s = batch.student
@@ -131,6 +139,13 @@ def apply_speed_options(backbone: Backbone, cfg: KavaConfig, device: torch.devic
         backbone.checkpoint_layers()
     if compile_enabled(cfg, device):
         backbone.compile_layers(dynamic=True)
+
+
+def reset_optimizer_state(optimizer) -> None:
+    """Drop the optimizer's moments and step counts (a fresh AdamW, as iCoT's and
+    Coconut's recipes do at a curriculum switch); the lr schedule goes on."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    inner.state.clear()
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -206,7 +221,6 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         fused=accelerator.device.type == "cuda",
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    collate_fn = partial(collate, ids=backbone.ids, bucket=t.bucket)
 
     def loader(epoch: int) -> DataLoader:
         g = torch.Generator().manual_seed(t.seed + epoch)
@@ -215,7 +229,9 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             batch_size=t.micro_batch_size,
             shuffle=True,
             generator=g,
-            collate_fn=collate_fn,
+            # lists of encoded items: the batch is built per optimizer step (a curriculum
+            # changes the sequences with the step; kava.curricula)
+            collate_fn=list,
             num_workers=t.num_workers,
             drop_last=False,
         )
@@ -235,6 +251,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(t.warmup_ratio * total_steps), total_steps
     )
+    curriculum = Curriculum(cfg, steps_per_epoch, backbone.ids, accelerator.process_index)
 
     step = 0
     if not resume and any((run_dir / n).exists() for n in ("log.jsonl", "checkpoints", "final")):
@@ -242,6 +259,9 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             f"{run_dir} already holds a training run; continue it with --resume, "
             "or set another train.output_dir"
         )
+    if t.init_from is not None and not resume:
+        load_trainable(backbone, t.init_from)  # e.g. Coconut from a CoT run's final/
+        accelerator.print(f"initialised the trainable tensors from {t.init_from}")
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
@@ -296,16 +316,19 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
 
     model.train()
     sums: dict[str, torch.Tensor] = {}
-    n_micro, tokens, t0 = 0, 0, time.perf_counter()
+    n_micro, tokens, exhausted, t0 = 0, 0, 0, time.perf_counter()
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         dl = loader(epoch)
         skip = done_in_epoch * accum
         if skip:
             dl = accelerator.skip_first_batches(dl, skip)
-        for i, batch in enumerate(dl, start=skip):
+        for i, items in enumerate(dl, start=skip):
             if i >= steps_per_epoch * accum:
                 break  # leftover micro-batches that do not fill an optimizer step
+            built = curriculum.batch(items, step, i % accum)
+            batch = built.batch.to(accelerator.device)
+            exhausted += built.cot_exhausted
             sync = (i + 1) % accum == 0
             ctx = accelerator.no_sync(model) if not sync else torch.enable_grad()
             with ctx:
@@ -324,6 +347,8 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     backbone.trainable_parameters(), t.grad_clip
                 )
             lr = scheduler.get_last_lr()[0]  # the lr this step used
+            if curriculum.resets_optimizer and curriculum.switches_at(step):
+                reset_optimizer_state(optimizer)  # a new stage / removal count starts here
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -342,6 +367,10 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     tokens_per_s=tokens * world / max(elapsed, 1e-9),
                     grad_norm=float(grad_norm) if grad_norm is not None else None,
                 )
+                if curriculum.kind != "none":
+                    value = curriculum.value(step - 1)  # of the step just taken
+                    rec["curriculum"] = "all" if math.isinf(value) else int(value)
+                    rec["cot_exhausted"] = exhausted
                 if accelerator.is_main_process:
                     log_file.write(json.dumps(rec) + "\n")
                     log_file.flush()
@@ -355,7 +384,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                         if k in rec
                     }
                 )
-                sums, n_micro, tokens, t0 = {}, 0, 0, time.perf_counter()
+                sums, n_micro, tokens, exhausted, t0 = {}, 0, 0, 0, time.perf_counter()
             bar.update(1)
             if t.save_every and step % t.save_every == 0 and step < total_steps:
                 checkpoint(run_dir / "checkpoints" / f"step-{step}", with_state=True)
