@@ -20,7 +20,7 @@ from kava.curricula import (
     icot_removal,
     smoothing_distribution,
 )
-from test_train import read_log, tiny_model_dir, write_config  # noqa: F401 (fixture)
+from test_train import read_log, write_config
 
 INF = math.inf
 
