@@ -39,7 +39,7 @@ RECORD_KEYS = {
     "passes",
     "generated_tokens",
 }
-METHODS = ["kava", "codi", "cot", "nocot"]
+METHODS = ["kava", "codi", "cot", "nocot", "icot", "coconut"]
 MAX_NEW, COT_MAX_NEW = 5, 9
 INIT_RANGE = 0.3  # random models whose outputs depend on the question
 
@@ -59,6 +59,7 @@ def config(method: str, merge_lora: bool = True):
             f"method={method}",
             "latent.num_latents=3",
             "latent.num_iterations=1",
+            "coconut.max_latent_stage=2",  # 2 x 2 thoughts at evaluation
             f"eval.max_new_tokens={MAX_NEW}",
             f"eval.cot_max_new_tokens={COT_MAX_NEW}",
             f"eval.merge_lora={str(merge_lora).lower()}",
@@ -156,11 +157,13 @@ def test_question_prompts(make_backbone, method):
     for ex, row in zip(exs, prompts.rows):
         question = tok(ex.question, add_special_tokens=False).input_ids
         bos = [bb.ids.bos] if bb.ids.bos is not None else []
-        tail = {
+        tail = {  # what the method's eval_prompt field asks for, written out
             "kava": [bb.ids.bot],
             "codi": [bb.ids.bot],
+            "coconut": [bb.ids.bot],
             "cot": [],
             "nocot": prompts.answer_prompt,
+            "icot": prompts.answer_prompt,
         }[method]
         assert row == bos + question + tail
 
@@ -189,7 +192,9 @@ def test_evaluate_writes_consistent_outputs(make_backbone, tmp_path, method):
         assert rec["correct"] == answers_match(rec["parsed"], ex.answer)
         n_gen = rec["generated_tokens"]
         assert 1 <= n_gen <= (COT_MAX_NEW if method == "cot" else MAX_NEW)
-        if cfg.is_latent:  # pass 0 + T iterations + prompt pass (1st token) + 1 per further token
+        if method == "coconut":  # question pass + 3 thought passes + final pass (1st token)
+            assert rec["passes"] == 4 + n_gen
+        elif cfg.is_latent:  # pass 0 + T iterations + prompt pass (1st token) + 1 per further
             assert rec["passes"] == 1 + cfg.effective_iterations + n_gen
         else:  # prefill (1st token) + 1 per further token
             assert rec["passes"] == n_gen
@@ -223,6 +228,9 @@ def test_codi_uses_sequential_iterations(make_backbone):
         ("kava", "llama", 2.0),
         ("cot", "llama", 1.0),
         ("nocot", "qwen2", 2.0),
+        ("coconut", "llama", None),
+        ("coconut", "qwen2", 2.0),
+        ("icot", "llama", None),
     ],
 )
 def test_batching_does_not_change_predictions(make_backbone, tmp_path, method, arch, eos_bonus):

@@ -9,6 +9,7 @@ from conftest import EXAMPLES
 from kava import losses
 from kava.batching import collate, collate_student, encode
 from kava.config import load_config
+from kava.data import Example
 from kava.inference import generate_latent
 from kava.kv import stack_kv
 from kava.model import KavaModel, student_forward, teacher_forward
@@ -229,6 +230,28 @@ def test_teacher_targets_carry_no_gradient(make_backbone):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", ["icot", "coconut"])
+def test_overfit_few_examples_with_a_curriculum(make_backbone, arch, method):
+    """~30 AdamW steps on 4 examples at a later curriculum step (iCoT: 8 tokens removed with
+    smoothing; Coconut: stage 1, 2 thoughts) lower the loss. Coconut's thoughts feed the
+    chaotic hidden states of a random model back in: a lower lr keeps it stable (its
+    recipe starts from a CoT-trained model for that reason)."""
+    bb = make_backbone(arch, dropout=0.1, init_range=0.3).train()
+    cfg = config(m=3, t=2, method=method, **{"coconut.epochs_per_stage": 0.5})
+    model = KavaModel(bb, cfg)
+    batch = method_batch(bb, cfg, step=1 if method == "coconut" else 8)
+    opt = torch.optim.AdamW(bb.trainable_parameters(), lr=1e-2 if method == "coconut" else 2e-2)
+    history = []
+    for _ in range(30):
+        out = model(batch)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        history.append(out.terms)
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"], (history[0], history[-1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("method", ["kava", "pccot", "codi", "cot", "nocot"])
 def test_overfit_few_examples(make_backbone, arch, method):
     """~30 AdamW steps on 4 examples lower the total loss (every method, every loss term on)."""
@@ -287,19 +310,39 @@ def build(monkeypatch, make_backbone):
     return backbone_module.build_backbone
 
 
+def method_batch(bb, cfg, step: int = 0):
+    """The training batch of ``cfg.method`` at optimizer ``step``, as kava.train builds it."""
+    from kava.curricula import Curriculum
+    from kava.train import encode_for_method
+
+    exs = [Example(q, tuple(s), a) for q, s, a in EXAMPLES]
+    items = [encode_for_method(e, bb, cfg) for e in exs]
+    return Curriculum(cfg, steps_per_epoch=2, ids=bb.ids).batch(items, step).batch
+
+
 @pytest.mark.parametrize(
-    "method, t", [("kava", 0), ("kava", 2), ("pccot", 2), ("codi", 1), ("cot", 2), ("nocot", 2)]
+    "method, t",
+    [
+        ("kava", 0),
+        ("kava", 2),
+        ("pccot", 2),
+        ("codi", 1),
+        ("cot", 2),
+        ("nocot", 2),
+        ("icot", 2),
+        ("coconut", 2),
+    ],
 )
 def test_every_trainable_tensor_reaches_the_loss(build, method, t):
     """DDP requires it: a trainable tensor outside the graph crashes the gradient all-reduce
     (e.g. prj with T=0, pause tokens, which build_backbone must freeze)."""
-    cfg = config(m=3, t=t, method=method)
+    cfg = config(m=3, t=t, method=method, **{"coconut.epochs_per_stage": 0.5})
     bb = build(cfg)
-    ex = EXAMPLES if method != "nocot" else [(q, [], a) for q, _, a in EXAMPLES]
-    KavaModel(bb, cfg)(collate(encoded(bb, ex, drop_last=method != "cot"), bb.ids)).total.backward()
+    KavaModel(bb, cfg)(method_batch(bb, cfg, step=2)).total.backward()  # Coconut stage 2
     missing = [n for n, p in bb.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
-    assert any(p.requires_grad for p in bb.prj.parameters()) == (cfg.is_latent and t > 0)
+    uses_prj = cfg.method_spec.uses_projection and t > 0
+    assert any(p.requires_grad for p in bb.prj.parameters()) == uses_prj
 
 
 def test_kava_tokens_are_never_predicted(make_backbone):
