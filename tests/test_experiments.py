@@ -21,7 +21,15 @@ from kava.cli import main
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "experiments" / "offline-smoke.yaml"
 ORIGINAL_TRAIN = kava.train.train
-PAPER_LABELS = {"cot": "CoT", "nocot": "No-CoT", "codi": "CODI", "pccot": "PCCoT", "kava": "KaVa"}
+PAPER_LABELS = {
+    "cot": "CoT",
+    "nocot": "No-CoT",
+    "icot": "iCoT",
+    "coconut": "Coconut",
+    "codi": "CODI",
+    "pccot": "PCCoT",
+    "kava": "KaVa",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,7 +113,7 @@ def grid(tmp_path_factory, tiny_model_dir):
 
 def test_interrupted_grid_reruns_only_the_missing_runs(grid):
     names = expected_runs()
-    assert len(names) == 10  # 5 methods x 2 seeds
+    assert len(names) == 14  # 7 methods x 2 seeds
     first, second = grid["first"], grid["second"]
     assert [n for n, _ in first.calls] == names[:4]
     assert sorted(grid["done_before"]) == sorted(names[:3])  # runs 0-2 finished
@@ -152,7 +160,7 @@ def test_rerun_after_deleting_parts_of_runs(grid, tiny_model_dir, tmp_path):
         for p in runs.glob("*/DONE.json")
         if p.parent.name not in ("nocot__seed1", "kava__seed1", "codi__seed0")
     }
-    assert len(untouched) == 7
+    assert len(untouched) == 11
 
     assert experiment(out, tiny_model_dir, "--dry-run") == 0
     counting = CountingTrain()
@@ -239,7 +247,7 @@ def test_report_of_the_grid_matches_the_per_run_metrics(grid, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["report", str(grid["dir"]), "--out", str(out)]) == 0
     doc = spec_doc()
-    order = ["cot", "nocot", "codi", "pccot", "kava"]
+    order = list(PAPER_LABELS)
     runs = grid["dir"] / "runs"
     groups = {
         PAPER_LABELS[m]: [runs / f"{m}__seed{s}" for s in doc["seeds"]]
@@ -277,15 +285,12 @@ def test_report_statistics_on_varied_metrics(grid, tmp_path):
     assert main(["report", str(out), "--no-eviction-plot"]) == 0
     runs = out / "runs"
     groups = {
-        "CoT": [runs / "cot__seed0", runs / "cot__seed1"],
-        "No-CoT": [runs / "nocot__seed0", runs / "nocot__seed1"],
-        "CODI": [runs / "codi__seed0", runs / "codi__seed1"],
-        "PCCoT": [runs / "pccot__seed0"],
-        "KaVa": [runs / "kava__seed0", runs / "kava__seed1"],
+        label: [runs / f"{m}__seed{s}" for s in (0, 1) if (m, s) != ("pccot", 1)]
+        for m, label in PAPER_LABELS.items()
     }
     check_report(out / "report", groups, ["synthetic", "gsm8k"])
     assert (
-        "9 of 10 runs complete (not complete: pccot__seed1)"
+        "13 of 14 runs complete (not complete: pccot__seed1)"
         in (out / "report" / "results.md").read_text()
     )
     check_png(out / "report" / "accuracy_vs_passes.png", min_width=800)  # two panels
@@ -355,6 +360,10 @@ def write_spec(tmp_path: Path, **changes) -> Path:
         ({"overrides": {"kv_loss.type": "huber"}}, "overrides: kv_loss.type"),
         ({"overrides": {"train.seed": 3}}, "overrides.train.seed"),
         ({"overrides": ["lora.r=4"]}, "overrides: expected a mapping"),
+        ({"method_overrides": {"gpt": {"train.lr": 1}}}, "method_overrides.gpt: not one of"),
+        ({"method_overrides": {"kava": {"train.lrr": 1}}}, "method_overrides.kava: unknown"),
+        ({"method_overrides": {"kava": {"method": "cot"}}}, "method_overrides.kava.method"),
+        ({"grid_methods": ["gpt"]}, "grid_methods"),
         ({"grid": {"rkv.lambda": [0.1, 2.0]}}, "grid.rkv.lambda: rkv.lambda"),
         ({"grid": {"rkv.method": "crop"}}, "grid.rkv.method: expected a non-empty list"),
         ({"grid": {"latent.M": [2]}}, "grid.latent.M: unknown config key latent.M"),
@@ -405,7 +414,7 @@ def test_shards_partition_the_runs(tmp_path, capsys):
     spec = write_spec(tmp_path, grid={"rkv.method": ["rkv", "crop"]})
     exp = load_spec(spec, tmp_path / "out")
     names = [r.name for r in exp.runs]
-    assert len(names) == len(set(names)) == 5 * 2 * 2
+    assert len(names) == len(set(names)) == 7 * 2 * 2
     assert names[:4] == [
         "cot__rkv.method=rkv__seed0",
         "cot__rkv.method=rkv__seed1",
@@ -508,7 +517,8 @@ def test_offline_spec_as_written_one_shard(tmp_path):
     groups = {PAPER_LABELS[m]: [runs / f"{m}__seed0"] for m in PAPER_LABELS if m in methods}
     check_report(report, groups, ["synthetic"])
     text = (report / "results.md").read_text()
-    assert "5 of 10 runs complete (not complete: cot__seed1, nocot__seed1," in text
+    assert "7 of 14 runs complete (not complete: cot__seed1, nocot__seed1, icot__seed1," in text
+    assert list(groups) == list(PAPER_LABELS.values())  # all seven, in the paper's order
     for name in ("accuracy_vs_passes.png", "loss_curves.png", "eviction.png"):
         check_png(report / name)
 
@@ -521,8 +531,8 @@ def test_ready_made_specs_are_valid(spec, tmp_path):
 
     exp = load_spec(spec, tmp_path)
     assert exp.runs and len({r.name for r in exp.runs}) == len(exp.runs)
-    if spec.name.startswith("main-"):  # the paper's main table: 5 methods x 3 seeds
-        assert exp.methods == ["cot", "nocot", "codi", "pccot", "kava"] and exp.seeds == [0, 1, 2]
+    if spec.name.startswith("main-"):  # the paper's main table: 7 methods x 3 seeds
+        assert exp.methods == list(PAPER_LABELS) and exp.seeds == [0, 1, 2]
         assert exp.datasets == ["gsm8k", "gsm-hard", "svamp"]
         base = spec.name.removeprefix("main-").removesuffix(".yaml")
         from kava.config import load_config
@@ -531,3 +541,31 @@ def test_ready_made_specs_are_valid(spec, tmp_path):
         for run in exp.runs:  # nothing but method, seed and folder differs from Table 6
             assert run.cfg.latent == paper.latent and run.cfg.kv_loss == paper.kv_loss
             assert run.cfg.alpha1 == paper.alpha1 and run.cfg.train.lr == paper.train.lr
+
+
+def test_method_overrides_and_grid_methods(tmp_path):
+    """A method's own recipe keys reach only its runs; the grid only its grid_methods."""
+    from kava.experiments import load_spec
+
+    spec = write_spec(
+        tmp_path,
+        methods=["pccot", "kava", "coconut"],
+        grid={"rkv.method": ["rkv", "uniform"]},
+        grid_methods=["kava"],
+        method_overrides={"coconut": {"train.lr": 1.0e-4, "train.lr_schedule": "constant"}},
+    )
+    exp = load_spec(spec, tmp_path / "out")
+    names = [r.name for r in exp.runs]
+    assert names == [
+        "pccot__seed0",
+        "pccot__seed1",
+        "kava__rkv.method=rkv__seed0",
+        "kava__rkv.method=rkv__seed1",
+        "kava__rkv.method=uniform__seed0",
+        "kava__rkv.method=uniform__seed1",
+        "coconut__seed0",
+        "coconut__seed1",
+    ]
+    lrs = {r.name: (r.cfg.train.lr, r.cfg.train.lr_schedule) for r in exp.runs}
+    assert lrs["coconut__seed0"] == (1.0e-4, "constant")
+    assert lrs["pccot__seed0"] == lrs["kava__rkv.method=uniform__seed1"] != lrs["coconut__seed1"]

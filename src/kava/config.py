@@ -142,6 +142,7 @@ class TrainConfig:
     lr: float = 8e-4
     weight_decay: float = 0.1
     warmup_ratio: float = 0.03
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # after the linear warmup
     grad_clip: float = 2.0
     seed: int = 0
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU

@@ -6,6 +6,9 @@ Supported sources (see ``shared/data/README.md`` for the files):
 * original GSM8k JSONL ``{question, answer: "...\\n#### N"}``;
 * Hub schemas: whynlp/gsm8k-aug ``{question, steps, answer}``, zen-E/GSM8k-Aug(-NL)
   ``{question, cot, answer}``, PAL-style ``{input, target}`` (SVAMP, GSM-Hard, MultiArith);
+* MetaMathQA ``{query, response, type}`` (meta-math/MetaMathQA): steps = the sentences
+  of ``response`` before "The answer is:", the answer after it; rows are kept by
+  ``type`` (``metamath_types``; others are counted and reported);
 * SVAMP.json and MultiArith.json lists;
 * a seeded synthetic generator of small multi-step arithmetic problems.
 
@@ -16,15 +19,22 @@ Every parse error is a ``DataError`` whose message names the file (or dataset id
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 STEPS_FORMATS = ("equation", "nl")
+# MetaMathQA's GSM8k-derived types (numeric answers); its MATH_* types hold LaTeX answers
+METAMATH_NUMERIC_TYPES = ("GSM_AnsAug", "GSM_Rephrased", "GSM_SV", "GSM_FOBAR")
+METAMATH_ANSWER_MARKER = "The answer is:"
 
 NAMED: dict[str, str] = {
     "gsm8k": "gsm8k/test.jsonl",
@@ -58,6 +68,14 @@ class Example:
 
 class DataError(ValueError):
     """Malformed data; the message names the file or dataset, the 1-based line/row, the field."""
+
+
+class SkippedRecord(Exception):
+    """A well-formed record that a filter leaves out (counted and reported by the reader)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------- helpers
@@ -137,11 +155,36 @@ def _parse_gsm8k_solution(
 # --------------------------------------------------------------------------- records
 
 
-def from_record(rec: dict, *, where: str, steps_format: str = "equation") -> Example:
+def _metamath_record(rec: dict, where: str, types: Sequence[str]) -> Example:
+    """One MetaMathQA row; ``SkippedRecord`` when its ``type`` is not in ``types``."""
+    kind = rec.get("type")
+    if types and kind not in types:
+        raise SkippedRecord(f"MetaMathQA type {kind} (not in data.metamath_types)")
+    question = _require_str(rec, "query", where)
+    response = _require_str(rec, "response", where)
+    body, sep, final = response.rpartition(METAMATH_ANSWER_MARKER)
+    if not sep:
+        raise DataError(
+            f"{where}: field 'response': no {METAMATH_ANSWER_MARKER!r} before the answer"
+        )
+    answer = normalize_answer(final.strip(), where=where, field="response")
+    lines = (line.strip() for line in body.split("\n"))
+    steps = tuple(s.strip() for line in lines for s in _SENTENCE_END.split(line) if s.strip())
+    return Example(question, steps, answer)
+
+
+def from_record(
+    rec: dict,
+    *,
+    where: str,
+    steps_format: str = "equation",
+    metamath_types: Sequence[str] = METAMATH_NUMERIC_TYPES,
+) -> Example:
     """Convert one JSON/Hub record to an ``Example``; ``where`` (e.g. "f.jsonl:12") goes in errors.
 
     Schemas, checked in this order:
 
+    * ``{query, response, type}`` (MetaMathQA), kept by ``metamath_types``;
     * ``{input, target}`` (PAL svamp/gsmhardv2/mawpsmultiarith) -> no steps;
     * ``{question, steps: list[str], answer}`` (whynlp/gsm8k-aug);
     * ``{question, cot: str, answer}`` (zen-E/GSM8k-Aug, -NL), cot split by ``split_cot``;
@@ -155,6 +198,8 @@ def from_record(rec: dict, *, where: str, steps_format: str = "equation") -> Exa
     if not isinstance(rec, dict):
         raise DataError(f"{where}: record: expected a JSON object, got {type(rec).__name__}")
     present = {key for key, value in rec.items() if value is not None}
+    if "query" in present and "response" in present:
+        return _metamath_record(rec, where, metamath_types)
     if "input" in present or "target" in present:
         question = _require_str(rec, "input", where)
         answer = normalize_answer(_require(rec, "target", where), where=where, field="target")
@@ -296,15 +341,35 @@ def read_multiarith_json(path: str | Path) -> list[Example]:
     return _nonempty([_multiarith_record(rec, where) for where, rec in records], path)
 
 
-def _from_json_element(rec: Any, where: str, steps_format: str) -> Example:
+def _from_json_element(rec: Any, where: str, steps_format: str, types: Sequence[str]) -> Example:
     if isinstance(rec, dict) and "Body" in rec:
         return _svamp_record(rec, where)
     if isinstance(rec, dict) and "sQuestion" in rec:
         return _multiarith_record(rec, where)
-    return from_record(rec, where=where, steps_format=steps_format)
+    return from_record(rec, where=where, steps_format=steps_format, metamath_types=types)
 
 
-def read_file(path: str | Path, steps_format: str = "equation") -> list[Example]:
+def _convert(pairs, convert, source: Path | str) -> list[Example]:
+    """``convert(record, where)`` over ``(where, record)`` pairs; records a filter leaves
+    out (``SkippedRecord``) are counted per reason and reported, never dropped silently."""
+    examples: list[Example] = []
+    skipped: dict[str, int] = {}
+    for where, rec in pairs:
+        try:
+            examples.append(convert(rec, where))
+        except SkippedRecord as skip:
+            skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
+    if skipped:
+        log.warning("%s: skipped %d records: %s", source, sum(skipped.values()), skipped)
+    return _nonempty(examples, source)
+
+
+def read_file(
+    path: str | Path,
+    steps_format: str = "equation",
+    *,
+    metamath_types: Sequence[str] = METAMATH_NUMERIC_TYPES,
+) -> list[Example]:
     """Read any supported local file, dispatching on extension and record keys.
 
     ``.txt``: Deng format. ``.jsonl``: one ``from_record`` per line. ``.json``: a JSON list
@@ -324,8 +389,11 @@ def read_file(path: str | Path, steps_format: str = "equation") -> list[Example]
         records = _parse_json_list(path) if is_list else _parse_json_lines(path)
     else:
         raise DataError(f"{path}: unsupported file extension {suffix!r} (use .txt/.json/.jsonl)")
-    examples = [_from_json_element(rec, where, steps_format) for where, rec in records]
-    return _nonempty(examples, path)
+    return _convert(
+        records,
+        lambda rec, where: _from_json_element(rec, where, steps_format, metamath_types),
+        path,
+    )
 
 
 def load_hf_dataset(
@@ -334,6 +402,7 @@ def load_hf_dataset(
     steps_format: str = "equation",
     *,
     config: str | None = None,
+    metamath_types: Sequence[str] = METAMATH_NUMERIC_TYPES,
 ) -> list[Example]:
     """Load a dataset through ``datasets.load_dataset`` and convert rows with ``from_record``.
 
@@ -350,11 +419,14 @@ def load_hf_dataset(
         ds = datasets.load_dataset("json", data_files=str(local), split=split)
     else:
         ds = datasets.load_dataset(name_or_path, config, split=split)
-    examples = [
-        from_record(row, where=f"{name_or_path}[{split}] row {i}", steps_format=steps_format)
-        for i, row in enumerate(ds, start=1)
-    ]
-    return _nonempty(examples, f"{name_or_path}[{split}]")
+    rows = ((f"{name_or_path}[{split}] row {i}", row) for i, row in enumerate(ds, start=1))
+
+    def convert(row, where):
+        return from_record(
+            row, where=where, steps_format=steps_format, metamath_types=metamath_types
+        )
+
+    return _convert(rows, convert, f"{name_or_path}[{split}]")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -381,6 +453,7 @@ def load_examples(
     seed: int = 0,
     synthetic_size: int = 1000,
     synthetic_steps: tuple[int, int] = (2, 4),
+    metamath_types: Sequence[str] = METAMATH_NUMERIC_TYPES,
 ) -> list[Example]:
     """Load examples from ``spec`` and keep the first ``limit``.
 
@@ -396,9 +469,11 @@ def load_examples(
     elif spec in NAMED:
         examples = _load_named(spec, steps_format)
     elif Path(spec).is_file():
-        examples = read_file(spec, steps_format)
+        examples = read_file(spec, steps_format, metamath_types=metamath_types)
     else:
-        examples = load_hf_dataset(spec, split=split, steps_format=steps_format)
+        examples = load_hf_dataset(
+            spec, split=split, steps_format=steps_format, metamath_types=metamath_types
+        )
     return examples if limit is None else examples[:limit]
 
 

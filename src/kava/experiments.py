@@ -7,9 +7,13 @@ A spec is a YAML file (see ``experiments/`` for ready-made ones)::
     base: llama1b-gsm8k-aug                # config file (relative to the spec, or the cwd)
                                            # or a packaged config name; default: the defaults
     overrides: {train.max_steps: 100}      # dotted keys applied to every run
-    methods: [cot, nocot, codi, pccot, kava]   # names of kava.methods.METHODS
+    methods: [cot, nocot, icot, coconut, codi, pccot, kava]   # names of kava.methods.METHODS
+    method_overrides:                      # optional: dotted keys for one method's runs
+      coconut: {train.lr: 1.0e-4}          # (what a method's own recipe defines)
     seeds: [0, 1, 2]                       # train.seed of each run
     grid: {rkv.method: [rkv, crop]}        # optional: cartesian product over these keys
+    grid_methods: [kava]                   # optional: the methods the grid applies to
+                                           # (default all); the others run once per seed
     eval: {datasets: [gsm8k, svamp], limit: 500}   # eval.* keys for every run
     output_dir: runs/experiments/llama1b-main      # default runs/experiments/<name>
 
@@ -59,8 +63,10 @@ SPEC_KEYS = (
     "base",
     "overrides",
     "methods",
+    "method_overrides",
     "seeds",
     "grid",
+    "grid_methods",
     "eval",
     "output_dir",
 )
@@ -231,6 +237,16 @@ def load_spec(
         raise SpecError(f"{spec_path}: seeds: duplicates in {seeds}")
 
     overrides = _check_dotted_keys(spec.get("overrides"), spec_path, "overrides")
+    raw_method_overrides = spec.get("method_overrides") or {}
+    if not isinstance(raw_method_overrides, dict):
+        raise SpecError(f"{spec_path}: method_overrides: expected a mapping method -> overrides")
+    method_overrides: dict[str, dict[str, Any]] = {}
+    for m, layer in raw_method_overrides.items():
+        if m not in methods:
+            raise SpecError(
+                f"{spec_path}: method_overrides.{m}: not one of the spec's methods {methods}"
+            )
+        method_overrides[m] = _check_dotted_keys(layer, spec_path, f"method_overrides.{m}")
     eval_section = spec.get("eval") or {}
     if not isinstance(eval_section, dict):
         raise SpecError(f"{spec_path}: eval: expected a mapping of eval.* keys")
@@ -241,6 +257,12 @@ def load_spec(
             raise SpecError(f"{spec_path}: grid.{k}: expected a non-empty list of values")
         if len({format_value(v) for v in values}) != len(values):
             raise SpecError(f"{spec_path}: grid.{k}: duplicate values in {values}")
+    grid_methods = spec.get("grid_methods", methods)
+    if not isinstance(grid_methods, list) or any(m not in methods for m in grid_methods):
+        raise SpecError(
+            f"{spec_path}: grid_methods: expected a list of the spec's methods {methods}, "
+            f"got {grid_methods!r}"
+        )
     cli_overrides: dict[str, Any] = {}
     if extra_overrides:
         cli = apply_overrides({}, list(extra_overrides))
@@ -266,7 +288,9 @@ def load_spec(
             _build_config(base_data)
         except ConfigError as e:
             raise SpecError(f"{spec_path}: base: {base_path}: {e}") from None
-    for section, layer in (("overrides", overrides), ("eval", eval_overrides)):
+    sections = [("overrides", overrides), ("eval", eval_overrides)]
+    sections += [(f"method_overrides.{m}", layer) for m, layer in method_overrides.items()]
+    for section, layer in sections:
         for k, v in layer.items():
             try:
                 _build_config(base_data, {k: v})
@@ -284,8 +308,8 @@ def load_spec(
         raise SpecError(f"{spec_path}: --set: {e}") from None
 
     exp = Experiment(spec_path, name, description, base, out, list(methods), list(seeds), grid, [])
-    keys = list(grid)
     for method in methods:
+        keys = list(grid) if method in grid_methods else []
         for values in itertools.product(*(grid[k] for k in keys)):
             variant = list(zip(keys, values))
             for seed in seeds:
@@ -299,7 +323,12 @@ def load_spec(
                 }
                 try:
                     cfg = _build_config(
-                        base_data, overrides, eval_overrides, cli_overrides, per_run
+                        base_data,
+                        overrides,
+                        method_overrides.get(method, {}),
+                        eval_overrides,
+                        cli_overrides,
+                        per_run,
                     )
                 except ConfigError as e:
                     raise SpecError(f"{spec_path}: run {rname}: {e}") from None

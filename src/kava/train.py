@@ -99,6 +99,7 @@ def load_train_examples(cfg: KavaConfig) -> list[Example]:
         seed=cfg.train.seed,
         synthetic_size=d.synthetic_train_size,
         synthetic_steps=(d.synthetic_min_steps, d.synthetic_max_steps),
+        metamath_types=d.metamath_types,
     )
 
 
@@ -182,7 +183,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train ``cfg`` and return the path of the final checkpoint."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     t = cfg.train
     run_dir = Path(t.output_dir)
@@ -248,9 +249,11 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         accum = batches_per_epoch
     steps_per_epoch = batches_per_epoch // accum
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, int(t.warmup_ratio * total_steps), total_steps
-    )
+    warmup = int(t.warmup_ratio * total_steps)
+    if t.lr_schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
     curriculum = Curriculum(cfg, steps_per_epoch, backbone.ids, accelerator.process_index)
 
     step = 0
