@@ -2,7 +2,9 @@
 
 ``train(cfg)`` writes into ``cfg.train.output_dir``:
 
-* ``config.yaml``, ``log.jsonl`` (one line per optimizer step: loss terms, lr, tokens/s),
+* ``config.yaml``, ``log.jsonl`` (one line per optimizer step: loss terms, lr, tokens/s;
+  with a curriculum, ``curriculum`` = the Coconut stage or the iCoT removal count, "all"
+  once the whole CoT is removed, and ``cot_exhausted`` = rows whose CoT ran out early),
   ``tb/`` (TensorBoard), ``data_stats.json`` (examples kept / skipped by the length filter);
 * ``checkpoints/step-N/`` every ``save_every`` steps and ``final/`` (see kava.checkpoint).
 
@@ -373,7 +375,8 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 if curriculum.kind != "none":
                     value = curriculum.value(step - 1)  # of the step just taken
                     rec["curriculum"] = "all" if math.isinf(value) else int(value)
-                    rec["cot_exhausted"] = exhausted
+                    counted = torch.tensor(exhausted, device=accelerator.device)
+                    rec["cot_exhausted"] = int(accelerator.reduce(counted, reduction="sum"))
                 if accelerator.is_main_process:
                     log_file.write(json.dumps(rec) + "\n")
                     log_file.flush()
