@@ -165,6 +165,7 @@ class Backbone(nn.Module):
         self._eager_fns = (layers.attention_inputs, layers.attention_output)
         self._static_fns = self._eager_fns
         self._checkpoint = False
+        self._mark_dynamic = False  # compile_layers: batch / length dims marked dynamic
 
     # --- building ----------------------------------------------------------------------
     @classmethod
@@ -287,6 +288,8 @@ class Backbone(nn.Module):
 
     def _run_layer(self, *args):
         """``kava.layers.layer_pass``, compiled and/or checkpointed as configured."""
+        if self._mark_dynamic:
+            layers.mark_dynamic_dims(*args[1:])
         if self._checkpoint and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._layer_fn, *args, use_reentrant=False)
         return self._layer_fn(*args)
@@ -352,8 +355,14 @@ class Backbone(nn.Module):
     def compile_layers(self, **options) -> None:
         """``torch.compile`` the layer pass (``options`` go to ``torch.compile``): kava's
         ``layers.layer_pass`` on the fast path (one graph for every layer), else each HF
-        layer."""
+        layer. Without a ``dynamic`` option, the batch and length dims of every call are
+        marked dynamic (``layers.mark_dynamic_dims``) and the weights' dims stay static."""
         if self.fast:
+            self._mark_dynamic = "dynamic" not in options
+            # variants: prefix segments (0, 1, 2), teacher row capture, one-token passes
+            # (Coconut's thoughts) and batch 1 (an epoch's last micro-batch), each
+            # specialised; past dynamo's default limit of 8 it would run eagerly, silently
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             self._layer_fn = torch.compile(layers.layer_pass, **options)
         else:
             log.warning(

@@ -105,6 +105,32 @@ def attention_output(
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+def mark_dynamic_dims(
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+    query_index: torch.Tensor | None,
+) -> None:
+    """Mark the batch and length dims of ``layer_pass``'s inputs dynamic for
+    ``torch.compile``, and nothing else. ``dynamic=True`` would make every dim symbolic,
+    the weights' too; a length that happens to equal a weight dim (the head dim, the hidden
+    size) is then unified with it and specialised, and the next length recompiles (seen on
+    an H200: two recompiling steps in five). Batch 1 stays specialised (PyTorch's 0/1 rule)."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    for t, dims in ((h, (0, 1)), (cos, (0, 1)), (sin, (0, 1)), (mask, (0, 2, 3))):
+        for d in dims:
+            mark(t, d)
+    for k, v in prefix:
+        for t in (k, v):
+            mark(t, 0)
+            mark(t, 2)
+    if query_index is not None:
+        mark(query_index, 0)
+        mark(query_index, 1)
+
+
 def layer_pass(
     layer: nn.Module,
     h: torch.Tensor,

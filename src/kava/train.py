@@ -141,7 +141,7 @@ def apply_speed_options(backbone: Backbone, cfg: KavaConfig, device: torch.devic
     if cfg.train.activation_checkpointing:
         backbone.checkpoint_layers()
     if compile_enabled(cfg, device):
-        backbone.compile_layers(dynamic=True)
+        backbone.compile_layers()  # batch and length dims dynamic, weights static
 
 
 def reset_optimizer_state(optimizer) -> None:
