@@ -266,9 +266,16 @@ class Backbone(nn.Module):
         query_index = capture.query_index if capture is not None else None
         for i, layer in enumerate(self.layers):
             if cache.is_static:
+                compiled = compiled and self._static_fns is not self._eager_fns
                 inputs_fn, output_fn = self._static_fns if compiled else self._eager_fns
+                if compiled:  # batch, length and cache-column dims dynamic, weights static
+                    for t, dims in ((h, (0, 1)), (cos, (0, 1)), (sin, (0, 1)), (mask, (0, 2, 3))):
+                        layers.mark_dynamic(t, *dims)
                 q, k, v = inputs_fn(layer, h, cos, sin)
                 keys, values = cache.write(i, k, v)  # in place, outside any compiled code
+                if compiled:
+                    for t in (q, keys, values):
+                        layers.mark_dynamic(t, 0, 2)
                 h = output_fn(layer, h, q, keys, values, mask)
             else:
                 h, k, v, q_rows = self._run_layer(
@@ -385,6 +392,7 @@ class Backbone(nn.Module):
         if not self.fast:
             log.warning("generation runs uncompiled: %s", self.fast_path_blocker)
             return False
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         self._static_fns = (
             torch.compile(layers.attention_inputs, **options),
             torch.compile(layers.attention_output, **options),

@@ -84,8 +84,8 @@ class Generator:
 
     ``cuda_graphs``: capture each pass as a CUDA graph (default: on where the backbone is
     on CUDA). ``compile``: ``torch.compile`` the layer passes first
-    (``Backbone.compile_generation``, dynamic shapes; default: on CUDA; a dict is passed
-    to ``torch.compile`` as options). ``check_every``: decoding steps between two reads of
+    (``Backbone.compile_generation``; batch, length and cache dims dynamic; default: on
+    CUDA; a dict is passed to ``torch.compile`` as options). ``check_every``: decoding steps between two reads of
     "every row is done". ``graph_prefill_tokens``: the question pass (pass 0, prefill) is
     graphed too when it carries at most this many positions (batch x columns): small
     ones are launch-bound like decoding (batch 1 on an H200: 2.0 ms graphed, ~16 ms
@@ -112,7 +112,7 @@ class Generator:
         if compile is None:
             compile = on_cuda
         self.compiled = bool(compile) and backbone.compile_generation(
-            **({"dynamic": True} | (compile if isinstance(compile, dict) else {}))
+            **(compile if isinstance(compile, dict) else {})
         )
         self.check_every = max(1, check_every)
         self.graph_prefill_tokens = graph_prefill_tokens

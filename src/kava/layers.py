@@ -131,6 +131,12 @@ def mark_dynamic_dims(
         mark(query_index, 1)
 
 
+def mark_dynamic(t: torch.Tensor, *dims: int) -> None:
+    """``torch._dynamo.maybe_mark_dynamic`` of ``dims`` of ``t`` (see ``mark_dynamic_dims``)."""
+    for d in dims:
+        torch._dynamo.maybe_mark_dynamic(t, d)
+
+
 def layer_pass(
     layer: nn.Module,
     h: torch.Tensor,
