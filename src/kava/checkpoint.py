@@ -9,11 +9,14 @@ A checkpoint folder holds
 * ``tokenizer/``             — the tokenizer with kava's special tokens;
 * ``trainer_state.pt``       — optimizer, scheduler, eviction RNG and the step (the data
   position), and ``rng_state_<rank>.pt`` per process (dropout RNG): what ``--resume``
-  needs; training checkpoints only.
+  needs; training checkpoints only;
+* ``selection.json``         — in ``best/`` only: the step and validation accuracy that made
+  it the best checkpoint, and the validation split used (``train.eval_every``).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -44,8 +47,13 @@ def save_checkpoint(
     backbone: Backbone,
     cfg: KavaConfig,
     trainer_state: dict[str, Any] | None = None,
+    extra_json: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically (to ``path.tmp``, then renamed)."""
+    """Write a checkpoint folder atomically (to ``path.tmp``, then renamed).
+
+    ``extra_json``: file name -> JSON-serialisable object, written inside the folder
+    before the rename (metadata that must never describe other weights, e.g.
+    ``selection.json``)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -57,6 +65,8 @@ def save_checkpoint(
     save_config(cfg, tmp / "config.yaml")
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_STATE)
+    for name, obj in (extra_json or {}).items():
+        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
     if path.exists():
         import shutil
 

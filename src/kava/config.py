@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from kava.data import TEST_SETS
 from kava.methods import DEFAULT_METHOD, METHODS, Method
 
 
@@ -162,6 +163,13 @@ class TrainConfig:
     # A checkpoint folder (e.g. a CoT run's final/) whose trainable tensors initialise
     # this run (Coconut's recipe starts from CoT fine-tuning); same model and LoRA shape.
     init_from: str | None = None
+    # Model selection on a validation split: every eval_every optimizer steps (and at the
+    # last) greedy-decode eval_dataset (first eval_limit questions), log val_accuracy and
+    # keep the most accurate checkpoint as best/ (the earliest on ties). 0 = off. Never a
+    # test set (kava.data.TEST_SETS are refused).
+    eval_every: int = 0
+    eval_dataset: str = "gsm8k-aug-valid"
+    eval_limit: int | None = None
 
 
 @dataclass
@@ -359,6 +367,14 @@ def validate(cfg: KavaConfig) -> None:
     _check(t.epochs > 0, "train.epochs", "must be > 0")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1")
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables validation)")
+    _check(t.eval_limit is None or t.eval_limit >= 1, "train.eval_limit", "must be >= 1")
+    _check(
+        t.eval_dataset not in TEST_SETS,
+        "train.eval_dataset",
+        f"{t.eval_dataset!r} is a test set ({', '.join(TEST_SETS)}): choose checkpoints on a "
+        "validation split (e.g. gsm8k-aug-valid)",
+    )
     d = cfg.data
     _check(d.synthetic_min_steps >= 1, "data.synthetic_min_steps", "must be >= 1")
     _check(

@@ -47,6 +47,19 @@ NAMED: dict[str, str] = {
     "gsm8k-nl-train": "gsm8k_aug/train_no_aug.txt",
 }
 
+# Named training sets derived from another named set by removing the questions of a
+# held-out one (matched on whitespace-normalized text): name -> (source, held out, steps
+# format, which overrides data.steps_format). Both hold the 6,973 GSM8k train questions that
+# are not in GSM8k-Aug's validation split: with the <<...>> equation traces of
+# gsm8k/train.jsonl (the GSM8k-Aug format) or the natural-language ones of train_no_aug.txt.
+HELD_OUT: dict[str, tuple[str, str, str]] = {
+    "gsm8k-train-eq": ("gsm8k-train", "gsm8k-aug-valid", "equation"),
+    "gsm8k-train-nl": ("gsm8k-nl-train", "gsm8k-aug-valid", "nl"),
+}
+
+# Test sets: reported once, never used to choose a checkpoint or a hyperparameter.
+TEST_SETS = ("gsm8k", "gsm8k-aug-test", "svamp", "gsm-hard", "multiarith")
+
 # Named sets that can also be loaded from the Hub: name -> (dataset id, config, split).
 HUB_FALLBACK: dict[str, tuple[str, str, str]] = {
     "gsm8k": ("openai/gsm8k", "main", "test"),
@@ -459,7 +472,8 @@ def load_examples(
 
     ``spec`` is one of: ``"synthetic"`` (uses ``seed``, ``synthetic_size``,
     ``synthetic_steps``); a ``NAMED`` key (file under ``data_root()``, or the Hub for keys in
-    ``HUB_FALLBACK`` when the file is missing); an existing file path; otherwise a Hub
+    ``HUB_FALLBACK`` when the file is missing); a ``HELD_OUT`` key (a named set less the
+    questions of another); an existing file path; otherwise a Hub
     dataset id (``split`` applies only to this last case).
     """
     if limit is not None and limit < 0:
@@ -468,6 +482,8 @@ def load_examples(
         examples = synthetic_examples(synthetic_size, seed, *synthetic_steps)
     elif spec in NAMED:
         examples = _load_named(spec, steps_format)
+    elif spec in HELD_OUT:
+        examples = _load_held_out(spec)
     elif Path(spec).is_file():
         examples = read_file(spec, steps_format, metamath_types=metamath_types)
     else:
@@ -475,6 +491,17 @@ def load_examples(
             spec, split=split, steps_format=steps_format, metamath_types=metamath_types
         )
     return examples if limit is None else examples[:limit]
+
+
+def question_key(question: str) -> str:
+    """What two questions must share to be the same question: whitespace-normalized text."""
+    return " ".join(question.split())
+
+
+def _load_held_out(name: str) -> list[Example]:
+    source, held_out, steps_format = HELD_OUT[name]
+    removed = {question_key(e.question) for e in _load_named(held_out, steps_format)}
+    return [e for e in _load_named(source, steps_format) if question_key(e.question) not in removed]
 
 
 def _load_named(name: str, steps_format: str) -> list[Example]:

@@ -21,7 +21,8 @@ Every run's ``KavaConfig`` is built (and validated) before anything is trained; 
 names the spec file and the spec key at fault. Run ``i`` of the deterministic order
 (methods, then grid values, then seeds) lives in
 ``<output_dir>/runs/<method>[__key=value...]__seed<k>/``: the training run folder
-(``config.yaml``, ``log.jsonl``, ``checkpoints/``, ``final/``), ``eval/<dataset>/
+(``config.yaml``, ``log.jsonl``, ``checkpoints/``, ``final/``, with ``train.eval_every``
+``best/``: its test numbers then come from best/), ``eval/<dataset>/
 metrics.json`` and, written last, ``DONE.json``. A run with ``DONE.json`` is skipped, so
 an interrupted grid re-run finishes only what is missing: a run with a ``final/``
 checkpoint is only evaluated, one with a ``checkpoints/step-N`` resumes training there,
@@ -441,7 +442,17 @@ def run_status(run: Run) -> str:
 
 def _fresh(run_dir: Path) -> None:
     """Remove what a from-scratch run would otherwise append to (the folder is ours)."""
-    for name in ("log.jsonl", "tb", "checkpoints", "final", "final.tmp", "eval", DONE):
+    for name in (
+        "log.jsonl",
+        "tb",
+        "checkpoints",
+        "final",
+        "final.tmp",
+        "best",
+        "best.tmp",
+        "eval",
+        DONE,
+    ):
         p = run_dir / name
         if p.is_dir():
             shutil.rmtree(p)
@@ -451,13 +462,23 @@ def _fresh(run_dir: Path) -> None:
 
 def preflight_datasets(exp: Experiment) -> None:
     """Load one question of every eval dataset (files / synthetic) before training anything."""
-    from kava.data import NAMED
+    from kava.data import HELD_OUT, NAMED
     from kava.evaluate import load_eval_examples
 
     cfg = exp.runs[0].cfg
     for name in exp.datasets:
-        if name == "synthetic" or name in NAMED or Path(name).is_file():
+        if name == "synthetic" or name in NAMED or name in HELD_OUT or Path(name).is_file():
             load_eval_examples(name, cfg, 1)
+
+
+def selected_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any] | None]:
+    """The checkpoint a run's test numbers come from: ``best/`` (chosen on the validation
+    split, ``train.eval_every``) when the run has one, else ``final/``; with best/'s
+    ``selection.json``."""
+    best = run_dir / "best"
+    if (best / "selection.json").is_file():
+        return best, json.loads((best / "selection.json").read_text())
+    return run_dir / "final", None
 
 
 def execute_run(run: Run, status: str, progress: bool = True) -> dict[str, Any]:
@@ -482,9 +503,9 @@ def execute_run(run: Run, status: str, progress: bool = True) -> dict[str, Any]:
             _fresh(run.dir)
             train_module.train(run.cfg, progress=progress)
         train_s = time.perf_counter() - t0
-    final = run.dir / "final"
+    chosen, selection = selected_checkpoint(run.dir)
     t0 = time.perf_counter()
-    backbone, _ = load_checkpoint(final)
+    backbone, _ = load_checkpoint(chosen)
     backbone.to(default_device())
     eval_dir = run.dir / "eval"
     if eval_dir.exists():
@@ -503,6 +524,8 @@ def execute_run(run: Run, status: str, progress: bool = True) -> dict[str, Any]:
         "variant": [[k, v] for k, v in run.variant],
         "datasets": list(run.cfg.eval.datasets),
         "metrics": {name: m for name, m in zip(run.cfg.eval.datasets, results)},
+        "checkpoint": chosen.name,
+        "selection": selection,
         "train_seconds": train_s,
         "eval_seconds": eval_s,
         "config": run.cfg.to_dict(),

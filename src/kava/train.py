@@ -6,7 +6,10 @@
   with a curriculum, ``curriculum`` = the Coconut stage or the iCoT removal count, "all"
   once the whole CoT is removed, and ``cot_exhausted`` = rows whose CoT ran out early),
   ``tb/`` (TensorBoard), ``data_stats.json`` (examples kept / skipped by the length filter);
-* ``checkpoints/step-N/`` every ``save_every`` steps and ``final/`` (see kava.checkpoint).
+* ``checkpoints/step-N/`` every ``save_every`` steps and ``final/`` (see kava.checkpoint);
+* with ``train.eval_every``: ``val_accuracy`` / ``val_passes`` in the log lines of the
+  validation steps and ``best/``, the checkpoint most accurate on ``train.eval_dataset``
+  (with ``selection.json``: step, accuracy, split).
 
 ``resume=True`` continues from the newest ``checkpoints/step-N``: trainable weights,
 optimizer, scheduler, RNG states and the position in the data order.
@@ -14,6 +17,7 @@ optimizer, scheduler, RNG states and the position in the data order.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -121,6 +125,30 @@ def batch_tokens(batch, cfg: KavaConfig) -> int:
     return n
 
 
+def load_validation_examples(cfg: KavaConfig) -> list[Example] | None:
+    """The validation questions of ``train.eval_every`` (None when it is off)."""
+    t = cfg.train
+    if not t.eval_every:
+        return None
+    return load_examples(
+        t.eval_dataset,
+        split="validation",
+        steps_format=cfg.data.steps_format,
+        limit=t.eval_limit,
+        seed=t.seed + 1_000_003,  # for "synthetic": other problems than the training ones
+        synthetic_size=t.eval_limit or 200,
+        synthetic_steps=(cfg.data.synthetic_min_steps, cfg.data.synthetic_max_steps),
+    )
+
+
+def validation_config(cfg: KavaConfig) -> KavaConfig:
+    """What validation decodes with: ``cfg``, but eager generation passes (a compiled pass
+    would recompile for every new merged copy of the weights)."""
+    val = copy.deepcopy(cfg)
+    val.eval.compile = False
+    return val
+
+
 def _mixed_precision(cfg: KavaConfig) -> str:
     mp = cfg.train.mixed_precision
     if mp == "auto":
@@ -206,11 +234,15 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     apply_speed_options(backbone, cfg, accelerator.device)
     model = KavaModel(backbone, cfg)
     data = encode_examples(load_train_examples(cfg), backbone, cfg)
+    val_examples = load_validation_examples(cfg)
+    val_cfg = validation_config(cfg)
     n_skipped = sum(data.skipped.values())
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         stats = {"examples": data.total, "kept": len(data.items), "skipped": data.skipped}
+        if val_examples is not None:
+            stats["validation"] = {"dataset": t.eval_dataset, "n": len(val_examples)}
         (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
         msg = f"training on {len(data.items)} of {data.total} examples"
         if n_skipped:
@@ -259,6 +291,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     curriculum = Curriculum(cfg, steps_per_epoch, backbone.ids, accelerator.process_index)
 
     step = 0
+    best: dict | None = None  # {"step", "accuracy"} of best/ so far (train.eval_every)
     if not resume and any((run_dir / n).exists() for n in ("log.jsonl", "checkpoints", "final")):
         raise FileExistsError(
             f"{run_dir} already holds a training run; continue it with --resume, "
@@ -286,6 +319,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         set_rng_state(ranks_rng["rng"])
         accelerator.unwrap_model(model).generator.set_state(ranks_rng["eviction_rng"])
         step = state["step"]
+        best = state.get("best")
         if accelerator.is_main_process:
             truncate_log(run_dir / "log.jsonl", step)
         accelerator.print(f"resumed from {ckpt} at step {step}")
@@ -308,6 +342,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     "step": step,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    "best": best,
                 }
             save_checkpoint(path, backbone, cfg, state)
         if with_state:  # every process has its own RNG stream (dropout); each saves its own
@@ -318,6 +353,35 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             }
             torch.save(ranks_rng, path / rng_file_name(accelerator.process_index))
         accelerator.wait_for_everyone()
+
+    def validate() -> dict[str, float]:
+        """Decode the validation split (main process); keep best/ when it is the most
+        accurate so far. Returns the log fields."""
+        nonlocal best
+        from kava.evaluate import evaluate
+
+        accelerator.wait_for_everyone()
+        fields: dict[str, float] = {}
+        if accelerator.is_main_process:
+            m = evaluate(backbone, val_cfg, val_examples, name="validation", progress=False)
+            fields = {"val_accuracy": m["accuracy"], "val_passes": m["mean_forward_passes"]}
+            if best is None or m["accuracy"] > best["accuracy"]:  # ties keep the earlier
+                best = {"step": step, "accuracy": m["accuracy"]}
+                selection = {
+                    **best,
+                    "metric": "accuracy",
+                    "dataset": t.eval_dataset,
+                    "split": "validation",
+                    "n": m["n"],
+                    "correct": m["correct"],
+                    "mean_forward_passes": m["mean_forward_passes"],
+                }
+                save_checkpoint(
+                    run_dir / "best", backbone, cfg, extra_json={"selection.json": selection}
+                )
+            model.train()
+        accelerator.wait_for_everyone()
+        return fields
 
     model.train()
     sums: dict[str, torch.Tensor] = {}
@@ -358,7 +422,11 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if step % t.log_every == 0 or step == total_steps:
+            validating = val_examples is not None and (
+                step % t.eval_every == 0 or step == total_steps
+            )
+            val_fields = validate() if validating else {}
+            if step % t.log_every == 0 or step == total_steps or validating:
                 elapsed = time.perf_counter() - t0
                 # mean over the micro-batches since the last log line, and over processes
                 means = accelerator.reduce(
@@ -371,6 +439,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     lr=lr,
                     tokens_per_s=tokens * world / max(elapsed, 1e-9),
                     grad_norm=float(grad_norm) if grad_norm is not None else None,
+                    **val_fields,
                 )
                 if curriculum.kind != "none":
                     value = curriculum.value(step - 1)  # of the step just taken
@@ -386,7 +455,14 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 bar.set_postfix(
                     {
                         k: f"{rec[k]:.3g}"
-                        for k in ("loss", "student_ce", "teacher_ce", "codi_loss", "kv_loss")
+                        for k in (
+                            "loss",
+                            "student_ce",
+                            "teacher_ce",
+                            "codi_loss",
+                            "kv_loss",
+                            "val_accuracy",
+                        )
                         if k in rec
                     }
                 )
