@@ -11,6 +11,8 @@ import copy
 import hashlib
 import importlib.util
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -109,10 +111,17 @@ def resolve_model_source(cfg: ModelConfig) -> tuple[str, str | None]:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tmp = converted.with_name(converted.name + ".tmp")
+        # one temporary folder per process: several processes (experiment shards on one
+        # machine) may convert at the same time; the first rename wins, the others keep it
+        tmp = converted.with_name(f"{converted.name}.tmp-{os.getpid()}")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        tmp.rename(converted)
+        try:
+            tmp.rename(converted)
+        except OSError:
+            if not (converted / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
     return str(converted), None
 
 
