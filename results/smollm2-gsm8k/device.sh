@@ -4,7 +4,8 @@
 #   stage1            copy the first half of the staged GGUF and the gguf wheel
 #   start K SECONDS   join the GGUF, launch K workers in the background (setsid), wait
 #   wait SECONDS      wait (the workers go on while the machine stays warm), then pack
-# Each call ends by packing $OUT/results.tgz (json, yaml and log files of every run; no
+# Runs finished in earlier sessions (results/smollm2-gsm8k/<spec>/runs) are copied in first
+# and skipped. Each call ends by packing $OUT/results.tgz (json, yaml and log files of every run; no
 # weights) and $OUT/predictions.tgz. Runs that finished have DONE.json and are skipped by a
 # later `kava experiment` over the same folder.
 set -uo pipefail
@@ -44,6 +45,8 @@ start)
   cat "$EXP/logs/env.txt"
   # convert the GGUF once, before the workers start (each would otherwise convert it)
   (cd "$REPO" && python3 -c "from kava.backbone import resolve_model_source; from kava.config import ModelConfig; print(resolve_model_source(ModelConfig()))")
+  # runs finished in earlier sessions (committed, DONE.json without weights) are skipped
+  for s in $SPECS; do [ -d "results/smollm2-gsm8k/$s" ] && cp -r "results/smollm2-gsm8k/$s" "$EXP/"; done
   for ((i = 0; i < K; i++)); do
     setsid bash -c "cd $REPO; for s in $SPECS; do OMP_NUM_THREADS=2 python3 -m kava.cli experiment results/smollm2-gsm8k/\$s.yaml --shard $i/$K --output-dir $EXP/\$s --no-progress; done" >"$EXP/logs/w$i.log" 2>&1 </dev/null &
   done
