@@ -27,7 +27,7 @@ trains and evaluates the methods it is compared with, in the paper's order:
 
 Configs are YAML files of typed keys (see configs/ and kava/config.py); --set key=value
 overrides any key with dotted names, e.g. --set kv_loss.type=mse --set latent.num_iterations=3.
-Multi-GPU: accelerate launch -m kava.cli train CONFIG (DDP; same code path as one process).
+Multi-GPU: accelerate launch -m kava train CONFIG (DDP; same code path as one process).
 """
 
 
@@ -208,48 +208,50 @@ EVAL_COLUMNS = [
 
 
 def cmd_eval(args) -> int:
+    from kava.api import LatentReasoner
     from kava.backbone import build_backbone, default_device
-    from kava.checkpoint import load_checkpoint
     from kava.config import load_config
-    from kava.evaluate import run_eval
 
     if args.checkpoint:
-        backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
-        out = Path(args.out or Path(args.checkpoint) / "eval")
+        reasoner = LatentReasoner.from_pretrained(args.checkpoint, overrides=args.overrides)
+        local = Path(args.checkpoint).is_dir()
+        default_out = (
+            reasoner.path / "eval" if local else Path("runs/eval") / _safe(args.checkpoint)
+        )
+        out = Path(args.out or default_out)
     else:
         cfg = load_config(args.config, args.overrides)
-        backbone = build_backbone(cfg)
+        reasoner = LatentReasoner(build_backbone(cfg).to(default_device()), cfg)
         out = Path(args.out or "runs/eval-untrained")
-    backbone.to(default_device())
-    datasets = args.datasets or cfg.eval.datasets
-    results = run_eval(
-        backbone, cfg, datasets, out, args.limit, args.batch_size, not args.no_progress
-    )
+    datasets = args.datasets or reasoner.config.eval.datasets
+    results = [
+        reasoner.evaluate(
+            name,
+            args.limit,
+            batch_size=args.batch_size,
+            out_dir=out / name.replace("/", "_"),
+            progress=not args.no_progress,
+        )
+        for name in datasets
+    ]
     print_table(results, EVAL_COLUMNS)
     print(f"wrote {out}/<dataset>/metrics.json and predictions.jsonl")
     return 0
 
 
-def cmd_solve(args) -> int:
-    from kava.backbone import default_device
-    from kava.checkpoint import load_checkpoint
-    from kava.data import Example
-    from kava.evaluate import evaluate
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
-    backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
-    backbone.to(default_device())
-    m = evaluate(
-        backbone,
-        cfg,
-        [Example(args.question, (), "0")],
-        batch_size=1,
-        progress=False,
-        return_predictions=True,
-    )
-    pred = m["predictions"][0]
-    print(f"answer: {pred['parsed'] if pred['parsed'] is not None else '(no number)'}")
-    print(f"generated: {pred['prediction']!r}")
-    print(f"forward passes: {pred['passes']}")
+
+def cmd_solve(args) -> int:
+    from kava.api import LatentReasoner
+
+    reasoner = LatentReasoner.from_pretrained(args.checkpoint, overrides=args.overrides)
+    result = reasoner.solve(args.question, batch_size=1)
+    answer = result.answers[0]
+    print(f"answer: {answer if answer is not None else '(no number)'}")
+    print(f"generated: {result.texts[0]!r}")
+    print(f"forward passes: {result.passes[0]}")
     return 0
 
 
