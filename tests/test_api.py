@@ -151,7 +151,7 @@ def test_python_dash_m_kava_is_the_kava_command():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: kava")
-    for command in ("train", "eval", "solve"):
+    for command in ("train", "eval", "solve", "push"):
         assert command in proc.stdout
 
 

@@ -2,11 +2,13 @@
 
 ``train(cfg)`` writes into ``cfg.train.output_dir``:
 
-* ``config.yaml``, ``log.jsonl`` (one line per optimizer step: loss terms, lr, tokens/s;
+* ``manifest.json`` (kava.manifest: code, packages, machine; ``finished_at`` at the end),
+  ``config.yaml``, ``log.jsonl`` (one line per optimizer step: loss terms, lr, tokens/s;
   with a curriculum, ``curriculum`` = the Coconut stage or the iCoT removal count, "all"
   once the whole CoT is removed, and ``cot_exhausted`` = rows whose CoT ran out early),
   ``tb/`` (TensorBoard), ``data_stats.json`` (examples kept / skipped by the length filter);
-* ``checkpoints/step-N/`` every ``save_every`` steps and ``final/`` (see kava.checkpoint);
+* ``checkpoints/step-N/`` every ``save_every`` steps and ``final/`` (see kava.checkpoint;
+  ``final/`` and ``best/`` also hold the model card ``README.md`` and ``manifest.json``);
 * with ``train.eval_every``: ``val_accuracy`` / ``val_passes`` in the log lines of the
   validation steps and ``best/``, the checkpoint most accurate on ``train.eval_dataset``
   (with ``selection.json``: step, accuracy, split).
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 from kava.backbone import Backbone, build_backbone
 from kava.batching import CoconutBatch, Encoded, encode, encode_steps
+from kava.card import CARD, model_card
 from kava.checkpoint import (
     TRAINER_STATE,
     latest_checkpoint,
@@ -44,6 +47,7 @@ from kava.coconut import coconut_tokens
 from kava.config import KavaConfig, save_config
 from kava.curricula import Curriculum
 from kava.data import DataError, Example, load_examples
+from kava.manifest import MANIFEST, device_info, finished, start_manifest, write_manifest
 from kava.model import KavaModel
 
 log = logging.getLogger(__name__)
@@ -237,6 +241,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     val_examples = load_validation_examples(cfg)
     val_cfg = validation_config(cfg)
     n_skipped = sum(data.skipped.values())
+    manifest: dict = {}
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -324,6 +329,9 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             truncate_log(run_dir / "log.jsonl", step)
         accelerator.print(f"resumed from {ckpt} at step {step}")
 
+    if accelerator.is_main_process:
+        device = device_info(accelerator.device.type, accelerator.num_processes)
+        manifest = start_manifest(run_dir, cfg, device, resume)
     writer = tensorboard_writer(run_dir / "tb") if accelerator.is_main_process else None
     log_file = (run_dir / "log.jsonl").open("a") if accelerator.is_main_process else None
     bar = tqdm(
@@ -333,7 +341,12 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         desc="train",
     )
 
-    def checkpoint(path: Path, with_state: bool) -> None:
+    def hub_files(selection: dict | None = None) -> dict:
+        """The model card and manifest of final/ and best/ (kava.card, kava.manifest)."""
+        card = model_card(cfg, manifest=manifest, selection=selection)
+        return {"extra_json": {MANIFEST: manifest}, "extra_text": {CARD: card}}
+
+    def checkpoint(path: Path, with_state: bool, **extra) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = None
@@ -344,7 +357,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     "scheduler": scheduler.state_dict(),
                     "best": best,
                 }
-            save_checkpoint(path, backbone, cfg, state)
+            save_checkpoint(path, backbone, cfg, state, **extra)
         if with_state:  # every process has its own RNG stream (dropout); each saves its own
             accelerator.wait_for_everyone()
             ranks_rng = {
@@ -376,9 +389,9 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     "correct": m["correct"],
                     "mean_forward_passes": m["mean_forward_passes"],
                 }
-                save_checkpoint(
-                    run_dir / "best", backbone, cfg, extra_json={"selection.json": selection}
-                )
+                files = hub_files(selection)
+                files["extra_json"]["selection.json"] = selection
+                save_checkpoint(run_dir / "best", backbone, cfg, **files)
             model.train()
         accelerator.wait_for_everyone()
         return fields
@@ -474,7 +487,10 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 break
     bar.close()
     final = run_dir / "final"
-    checkpoint(final, with_state=True)
+    if accelerator.is_main_process:
+        manifest = finished(manifest)
+        write_manifest(run_dir, manifest)
+    checkpoint(final, with_state=True, **(hub_files() if accelerator.is_main_process else {}))
     if accelerator.is_main_process:
         if writer is not None:
             writer.close()
