@@ -159,3 +159,14 @@ def test_example_type_check(reasoner):
     with pytest.raises(TypeError, match=r"examples\[0\]"):
         reasoner.evaluate([("q", "1")])
     assert reasoner.evaluate([Example(QUESTIONS[0], (), "5")], limit=1)["n"] == 1
+
+
+def test_readme_python_api_snippet(tiny_run, capsys):
+    """The README's Python API block, run as written on the tiny run's final/."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    marker = "tests/test_api.py::test_readme_python_api_snippet"
+    block = readme[readme.index(marker) :].split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'LatentReasoner.from_pretrained("runs/kava/final")' in block
+    exec(block.replace("runs/kava/final", str(tiny_run / "final")), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[1].startswith("['")
