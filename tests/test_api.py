@@ -133,8 +133,13 @@ def test_cli_solve_and_eval_use_the_api(tiny_run, reasoner, tmp_path, capsys):
         f"generated: {r.texts[0]!r}",
         f"forward passes: {r.passes[0]}",
     ]
+    import shutil
+
+    run = tmp_path / "run"  # a copy: kava eval records its results in the checkpoint
+    shutil.copytree(tiny_run / "final", run / "final")
     ev = tmp_path / "eval"
-    assert main(["eval", "--checkpoint", str(tiny_run), "--out", str(ev), "--limit", "4"]) == 0
+    assert main(["eval", "--checkpoint", str(run), "--out", str(ev), "--limit", "4"]) == 0
+    assert (run / "final" / "eval_results.json").is_file()
     metrics = json.loads((ev / "synthetic" / "metrics.json").read_text())
     assert metrics["n"] == 4
     assert metrics["accuracy"] == reasoner.evaluate("synthetic", limit=4)["accuracy"]
