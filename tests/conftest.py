@@ -80,3 +80,51 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     tiny_lm("llama", len(base_tok), init_range=0.3).save_pretrained(path)
     base_tok.save_pretrained(path)
     return path
+
+
+def tiny_run_config(model_dir, output_dir, **sections) -> dict:
+    """A config dict for a few-second training run of the tiny model (sections update it)."""
+    cfg = {
+        "method": "kava",
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "latent": {"num_latents": 3, "num_iterations": 2},
+        "data": {"train": "synthetic", "synthetic_train_size": 8},
+        "train": {
+            "output_dir": str(output_dir),
+            "max_steps": 2,
+            "global_batch_size": 4,
+            "micro_batch_size": 4,
+            "lr": 0.01,
+            "save_every": 0,
+            "eval_every": 2,
+            "eval_dataset": "synthetic",
+            "eval_limit": 4,
+        },
+        "eval": {"datasets": ["synthetic"], "limit": 6, "batch_size": 4, "max_new_tokens": 4},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tokenizer):
+    """A trained tiny KaVa run folder (2 steps; final/ and best/), shared by the session:
+    tests that change it work on a copy."""
+    import yaml
+
+    from kava.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    model_dir = root / "base"
+    base_tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tiny_lm("llama", len(base_tok), init_range=0.3).save_pretrained(model_dir)
+    base_tok.save_pretrained(model_dir)
+    config = root / "cfg.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(model_dir, root / "run")))
+    assert main(["train", str(config), "--no-progress"]) == 0
+    return root / "run"

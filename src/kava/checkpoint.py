@@ -10,6 +10,9 @@ A checkpoint folder holds
 * ``trainer_state.pt``       — optimizer, scheduler, eviction RNG and the step (the data
   position), and ``rng_state_<rank>.pt`` per process (dropout RNG): what ``--resume``
   needs; training checkpoints only;
+* ``README.md``, ``manifest.json`` — in ``final/`` and ``best/``: the model card
+  (kava.card; ``eval_results.json`` beside it once ``kava eval`` ran) and the run's
+  provenance (kava.manifest);
 * ``selection.json``         — in ``best/`` only: the step and validation accuracy that made
   it the best checkpoint, and the validation split used (``train.eval_every``).
 """
@@ -48,12 +51,14 @@ def save_checkpoint(
     cfg: KavaConfig,
     trainer_state: dict[str, Any] | None = None,
     extra_json: dict[str, Any] | None = None,
+    extra_text: dict[str, str] | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically (to ``path.tmp``, then renamed).
 
     ``extra_json``: file name -> JSON-serialisable object, written inside the folder
     before the rename (metadata that must never describe other weights, e.g.
-    ``selection.json``)."""
+    ``selection.json``, ``manifest.json``); ``extra_text``: file name -> text, likewise
+    (the model card ``README.md``)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -67,6 +72,8 @@ def save_checkpoint(
         torch.save(trainer_state, tmp / TRAINER_STATE)
     for name, obj in (extra_json or {}).items():
         (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    for name, text in (extra_text or {}).items():
+        (tmp / name).write_text(text)
     if path.exists():
         import shutil
 

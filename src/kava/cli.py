@@ -24,10 +24,11 @@ trains and evaluates the methods it is compared with, in the paper's order:
   kava train configs/llama1b-gsm8k-aug.yaml --set train.output_dir=runs/x
   kava eval --checkpoint runs/x/final --datasets gsm8k,svamp --limit 200
   kava solve --checkpoint runs/x/final "Tom has 3 apples ..."
+  kava push runs/x/final you/kava-x --dry-run   upload a checkpoint to the Hugging Face Hub
 
 Configs are YAML files of typed keys (see configs/ and kava/config.py); --set key=value
 overrides any key with dotted names, e.g. --set kv_loss.type=mse --set latent.num_iterations=3.
-Multi-GPU: accelerate launch -m kava.cli train CONFIG (DDP; same code path as one process).
+Multi-GPU: accelerate launch -m kava train CONFIG (DDP; same code path as one process).
 """
 
 
@@ -104,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("question")
     _add_overrides(p)
+
+    p = sub.add_parser(
+        "push",
+        help="upload a checkpoint folder (model card included) to the Hugging Face Hub",
+        description="Upload RUN/final (or RUN/best) to a Hub model repo with huggingface_hub "
+        "(create_repo + upload_folder; your Hub token as huggingface_hub finds it). The model "
+        "card README.md is refreshed from the folder first; the training-resume state "
+        "(trainer_state.pt, rng_state_*.pt) is not uploaded. --dry-run prints the plan as "
+        "JSON (the files that would be uploaded) and uploads nothing. Load it back with "
+        "LatentReasoner.from_pretrained(REPO_ID) or kava eval --checkpoint REPO_ID.",
+    )
+    p.add_argument("checkpoint", help="a checkpoint folder (RUN/final or RUN/best)")
+    p.add_argument("repo_id", help="Hub repo id, e.g. you/kava-llama1b-gsm8k")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, upload nothing")
+    p.add_argument("--plan", help="also write the plan (JSON) to this file")
 
     p = sub.add_parser(
         "demo",
@@ -208,48 +225,55 @@ EVAL_COLUMNS = [
 
 
 def cmd_eval(args) -> int:
+    from kava.api import LatentReasoner
     from kava.backbone import build_backbone, default_device
-    from kava.checkpoint import load_checkpoint
     from kava.config import load_config
-    from kava.evaluate import run_eval
 
     if args.checkpoint:
-        backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
-        out = Path(args.out or Path(args.checkpoint) / "eval")
+        reasoner = LatentReasoner.from_pretrained(args.checkpoint, overrides=args.overrides)
+        local = Path(args.checkpoint).is_dir()
+        default_out = (
+            reasoner.path / "eval" if local else Path("runs/eval") / _safe(args.checkpoint)
+        )
+        out = Path(args.out or default_out)
     else:
         cfg = load_config(args.config, args.overrides)
-        backbone = build_backbone(cfg)
+        reasoner = LatentReasoner(build_backbone(cfg).to(default_device()), cfg)
         out = Path(args.out or "runs/eval-untrained")
-    backbone.to(default_device())
-    datasets = args.datasets or cfg.eval.datasets
-    results = run_eval(
-        backbone, cfg, datasets, out, args.limit, args.batch_size, not args.no_progress
-    )
+    datasets = args.datasets or reasoner.config.eval.datasets
+    results = [
+        reasoner.evaluate(
+            name,
+            args.limit,
+            batch_size=args.batch_size,
+            out_dir=out / name.replace("/", "_"),
+            progress=not args.no_progress,
+        )
+        for name in datasets
+    ]
     print_table(results, EVAL_COLUMNS)
     print(f"wrote {out}/<dataset>/metrics.json and predictions.jsonl")
+    if args.checkpoint and local:
+        from kava.card import EVAL_RESULTS, record_eval
+
+        record_eval(reasoner.path, results, args.overrides)
+        print(f"recorded in {reasoner.path / EVAL_RESULTS} and the model card README.md")
     return 0
 
 
-def cmd_solve(args) -> int:
-    from kava.backbone import default_device
-    from kava.checkpoint import load_checkpoint
-    from kava.data import Example
-    from kava.evaluate import evaluate
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
-    backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
-    backbone.to(default_device())
-    m = evaluate(
-        backbone,
-        cfg,
-        [Example(args.question, (), "0")],
-        batch_size=1,
-        progress=False,
-        return_predictions=True,
-    )
-    pred = m["predictions"][0]
-    print(f"answer: {pred['parsed'] if pred['parsed'] is not None else '(no number)'}")
-    print(f"generated: {pred['prediction']!r}")
-    print(f"forward passes: {pred['passes']}")
+
+def cmd_solve(args) -> int:
+    from kava.api import LatentReasoner
+
+    reasoner = LatentReasoner.from_pretrained(args.checkpoint, overrides=args.overrides)
+    result = reasoner.solve(args.question, batch_size=1)
+    answer = result.answers[0]
+    print(f"answer: {answer if answer is not None else '(no number)'}")
+    print(f"generated: {result.texts[0]!r}")
+    print(f"forward passes: {result.passes[0]}")
     return 0
 
 
@@ -314,6 +338,23 @@ def cmd_demo(args) -> int:
     total = time.perf_counter() - t0
     print(f"\ndemo wall time {total:.0f} s; run folder {out} (log.jsonl, tb/, final/)")
     (out / "demo_results.json").write_text(json.dumps({"rows": rows, "wall_s": total}, indent=2))
+    return 0
+
+
+def cmd_push(args) -> int:
+    from kava.hub import push
+
+    plan = push(args.checkpoint, args.repo_id, private=args.private, dry_run=args.dry_run)
+    text = json.dumps(plan, indent=2)
+    if args.plan:
+        Path(args.plan).write_text(text + "\n")
+    if args.dry_run:
+        print(text)
+        print(
+            f"dry run: {len(plan['files'])} files ({plan['total_bytes']} bytes) would be uploaded"
+        )
+    else:
+        print(f"uploaded {len(plan['files'])} files to {args.repo_id}: {plan.get('url')}")
     return 0
 
 
@@ -409,6 +450,7 @@ COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "solve": cmd_solve,
+    "push": cmd_push,
     "demo": cmd_demo,
     "experiment": cmd_experiment,
     "report": cmd_report,

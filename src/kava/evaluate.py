@@ -96,8 +96,11 @@ class Prompts:
     answer_prompt: list[int]
 
 
-def question_prompts(backbone: Backbone, cfg: KavaConfig, examples: Sequence[Example]) -> Prompts:
-    """Tokenize the questions with ``kava.batching.encode``, exactly as in training."""
+def question_prompts(
+    backbone: Backbone, cfg: KavaConfig, examples: Sequence[Example | str]
+) -> Prompts:
+    """Tokenize the questions (``Example``s or plain strings) with ``kava.batching.encode``,
+    exactly as in training."""
     tok, ids = backbone.tokenizer, backbone.ids
     prompt = encode("", (), "", tok, ids, answer_prompt=cfg.answer_prompt).prompt
     suffix = {"question": [], "question_prompt": prompt, "question_bot": [ids.bot]}[
@@ -105,7 +108,8 @@ def question_prompts(backbone: Backbone, cfg: KavaConfig, examples: Sequence[Exa
     ]
     rows = []
     for ex in examples:
-        question = encode(ex.question, (), ex.answer, tok, ids, cfg.answer_prompt).question
+        text = ex if isinstance(ex, str) else ex.question
+        question = encode(text, (), "", tok, ids, cfg.answer_prompt).question
         rows.append(question + suffix)
     return Prompts(rows, prompt)
 
@@ -152,58 +156,66 @@ def inference_model(backbone: Backbone, cfg: KavaConfig) -> Backbone:
     return backbone.merged_copy()
 
 
-def evaluate(
-    backbone: Backbone,
-    cfg: KavaConfig,
-    examples: Sequence[Example],
-    *,
-    batch_size: int | None = None,
-    out_dir: str | Path | None = None,
-    name: str = "eval",
-    progress: bool = True,
-    return_predictions: bool = False,
-) -> dict[str, Any]:
-    """Greedy-decode every example and score it; return (and optionally write) the metrics.
+@dataclass(frozen=True)
+class Prediction:
+    """What the model answered to one question."""
 
-    Questions are batched by length (longest first, ``batch_size`` defaults to
-    ``cfg.eval.batch_size``) to limit padding; results keep the order of ``examples``.
-    Runs in eval mode under ``no_grad`` on the device of ``backbone.new_token_embeddings``,
-    on a LoRA-merged copy (``eval.merge_lora``; ``backbone`` is left untouched) with
-    compiled layer passes and CUDA graphs on CUDA (``eval.compile``, ``eval.cuda_graphs``);
-    the previous train/eval mode is restored.
+    text: str  # generated text, decoded without special tokens
+    parsed: float | None  # the number parsed from it (``parse_prediction``)
+    passes: int  # forward passes spent on the question
+    generated_tokens: int
 
-    With ``out_dir``: ``metrics.json`` and ``predictions.jsonl`` (one record per example
-    in input order: index, question, gold, prediction, parsed, correct, passes,
-    generated_tokens). ``return_predictions=True`` adds those records to the returned
-    dict under ``"predictions"`` (never to ``metrics.json``).
-    """
-    n = len(examples)
-    if n == 0:
-        raise ValueError(f"{name}: no examples to evaluate")
-    batch_size = batch_size or cfg.eval.batch_size
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = question_prompts(backbone, cfg, examples)
-    order = sorted(range(n), key=lambda i: len(prompts.rows[i]), reverse=True)
-    device = backbone.new_token_embeddings.device
-    model = inference_model(backbone, cfg)
-    on_cuda = device.type == "cuda"
-    generator = Generator(
-        model,
+
+def make_generator(backbone: Backbone, cfg: KavaConfig) -> Generator:
+    """The generator evaluation decodes with: on ``inference_model`` (a LoRA-merged copy
+    with ``eval.merge_lora``), compiled passes and CUDA graphs on CUDA (``eval.compile``,
+    ``eval.cuda_graphs``). Reuse it across calls to keep its compiled graphs."""
+    on_cuda = backbone.new_token_embeddings.device.type == "cuda"
+    return Generator(
+        inference_model(backbone, cfg),
         cuda_graphs=cfg.eval.cuda_graphs and on_cuda,
         compile=cfg.eval.compile and on_cuda,
     )
+
+
+def predict(
+    backbone: Backbone,
+    cfg: KavaConfig,
+    questions: Sequence[Example | str],
+    *,
+    batch_size: int | None = None,
+    generator: Generator | None = None,
+    name: str = "predict",
+    progress: bool = False,
+) -> list[Prediction]:
+    """Greedy-decode every question the way the method answers; results in input order.
+
+    Questions are batched by length (longest first, ``batch_size`` defaults to
+    ``cfg.eval.batch_size``) to limit padding. Runs in eval mode under ``no_grad`` on the
+    device of ``backbone.new_token_embeddings`` with ``generator`` (default:
+    ``make_generator(backbone, cfg)``, built for this call); the previous train/eval mode
+    of ``backbone`` is restored.
+    """
+    n = len(questions)
+    if n == 0:
+        raise ValueError(f"{name}: no questions to answer")
+    batch_size = batch_size or cfg.eval.batch_size
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = question_prompts(backbone, cfg, questions)
+    order = sorted(range(n), key=lambda i: len(prompts.rows[i]), reverse=True)
+    device = backbone.new_token_embeddings.device
+    generator = generator or make_generator(backbone, cfg)
     # a merged copy holds every weight in one dtype; the unmerged model mixes bf16 frozen
     # weights with fp32 LoRA on CUDA (no autocast weight cache: CUDA graphs)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-        if device.type == "cuda" and model is backbone
+        if device.type == "cuda" and generator.bb is backbone
         else contextlib.nullcontext()
     )
-    records: list[dict[str, Any]] = [{} for _ in range(n)]
+    out: list[Prediction | None] = [None] * n
     was_training = backbone.training
     backbone.eval()
-    start = time.perf_counter()
     try:
         with (
             torch.no_grad(),
@@ -216,23 +228,66 @@ def evaluate(
                     generator, cfg, [prompts.rows[i] for i in idx], prompts.answer_prompt
                 )
                 for j, i in enumerate(idx):
-                    parsed = parse_prediction(
-                        gen.texts[j], cfg.method_spec.writes_cot, cfg.answer_prompt
-                    )
-                    records[i] = {
-                        "index": i,
-                        "question": examples[i].question,
-                        "gold": examples[i].answer,
-                        "prediction": gen.texts[j],
-                        "parsed": parsed,
-                        "correct": answers_match(parsed, examples[i].answer),
-                        "passes": gen.passes[j],
-                        "generated_tokens": len(gen.tokens[j]),
-                    }
+                    text = gen.texts[j]
+                    parsed = parse_prediction(text, cfg.method_spec.writes_cot, cfg.answer_prompt)
+                    out[i] = Prediction(text, parsed, gen.passes[j], len(gen.tokens[j]))
                 bar.update(len(idx))
     finally:
         backbone.train(was_training)
+    return out  # type: ignore[return-value]  # every index was filled
+
+
+def evaluate(
+    backbone: Backbone,
+    cfg: KavaConfig,
+    examples: Sequence[Example],
+    *,
+    batch_size: int | None = None,
+    out_dir: str | Path | None = None,
+    name: str = "eval",
+    progress: bool = True,
+    return_predictions: bool = False,
+    generator: Generator | None = None,
+) -> dict[str, Any]:
+    """Greedy-decode every example (``predict``) and score it; return (and optionally
+    write) the metrics.
+
+    Decodes on a LoRA-merged copy (``eval.merge_lora``; ``backbone`` is left untouched)
+    with compiled layer passes and CUDA graphs on CUDA (``eval.compile``,
+    ``eval.cuda_graphs``), unless a ``generator`` is given.
+
+    With ``out_dir``: ``metrics.json`` and ``predictions.jsonl`` (one record per example
+    in input order: index, question, gold, prediction, parsed, correct, passes,
+    generated_tokens). ``return_predictions=True`` adds those records to the returned
+    dict under ``"predictions"`` (never to ``metrics.json``).
+    """
+    n = len(examples)
+    if n == 0:
+        raise ValueError(f"{name}: no examples to evaluate")
+    start = time.perf_counter()
+    preds = predict(
+        backbone,
+        cfg,
+        examples,
+        batch_size=batch_size,
+        generator=generator,
+        name=name,
+        progress=progress,
+    )
     seconds = time.perf_counter() - start
+    records = [
+        {
+            "index": i,
+            "question": ex.question,
+            "gold": ex.answer,
+            "prediction": p.text,
+            "parsed": p.parsed,
+            "correct": answers_match(p.parsed, ex.answer),
+            "passes": p.passes,
+            "generated_tokens": p.generated_tokens,
+        }
+        for i, (ex, p) in enumerate(zip(examples, preds))
+    ]
 
     correct = sum(r["correct"] for r in records)
     metrics: dict[str, Any] = {

@@ -487,6 +487,7 @@ def execute_run(run: Run, status: str, progress: bool = True) -> dict[str, Any]:
 
     from kava import train as train_module
     from kava.backbone import default_device
+    from kava.card import record_eval
     from kava.checkpoint import load_checkpoint
     from kava.evaluate import run_eval
 
@@ -511,6 +512,7 @@ def execute_run(run: Run, status: str, progress: bool = True) -> dict[str, Any]:
     if eval_dir.exists():
         shutil.rmtree(eval_dir)
     results = run_eval(backbone, run.cfg, run.cfg.eval.datasets, eval_dir, progress=progress)
+    record_eval(chosen, results)  # the checkpoint's model card shows its test numbers
     eval_s = time.perf_counter() - t0
     del backbone
     gc.collect()

@@ -4,10 +4,12 @@ Reads every complete run (``runs/*/DONE.json`` for what the run is, ``runs/*/eva
 <dataset>/metrics.json`` for its numbers, ``runs/*/log.jsonl`` for its losses) and
 writes into ``<experiment>/report/``:
 
-* ``results.md``  — rows = methods in the paper's order (``kava.methods.PAPER_ORDER``),
+* ``results.md``  — (runs of one row must share their config but for the seed, else
+  ``MixedConfigsError`` names the keys) rows = methods in the paper's order (``kava.methods.PAPER_ORDER``),
   then the variants of a grid; per dataset "accuracy (%)" and "forward passes per
   question", each the mean ± sample std (ddof=1) over seeds (no ± with one seed); then
-  one row per run;
+  one row per run; then each run's provenance (kava version, git commit, packages,
+  device from its ``manifest.json``; "unknown" without one);
 * ``results.csv`` — the aggregated numbers (accuracy as a fraction): label, method,
   variant, dataset, n, accuracy_mean, accuracy_std, passes_mean, passes_std, seeds;
 * ``runs.csv``    — one row per run and dataset;
@@ -31,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from kava.experiments import DONE, format_value
+from kava.config import ConfigError
+from kava.experiments import DONE, _comparable, _diff_keys, _normalized, format_value
+from kava.manifest import read_manifest
 from kava.methods import METHODS, PAPER_ORDER
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,10 @@ class ReportError(FileNotFoundError):
     """No (complete) runs, or a run's metrics file is missing; names the path."""
 
 
+class MixedConfigsError(ConfigError):
+    """Runs of one table row (method/variant) whose configs differ beyond the seed."""
+
+
 @dataclass
 class RunResult:
     name: str
@@ -60,6 +68,7 @@ class RunResult:
     metrics: dict[str, dict[str, Any]]  # dataset -> metrics.json
     dir: Path
     config: dict[str, Any]
+    manifest: dict[str, Any] | None = None  # the run's manifest.json (None: unknown)
 
     @property
     def group(self) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -115,6 +124,7 @@ def load_results(exp_dir: str | Path) -> tuple[list[RunResult], list[str]]:
                 metrics,
                 d,
                 rec.get("config", {}),
+                read_manifest(d),
             )
         )
     if not done:
@@ -137,6 +147,55 @@ def group_runs(runs: list[RunResult]) -> list[Group]:
     for g in out:
         g.runs.sort(key=lambda r: r.seed)
     return out
+
+
+def check_same_configs(groups: list[Group]) -> None:
+    """Refuse to aggregate a row whose runs differ in anything but ``train.seed`` (and
+    ``train.output_dir``): ``MixedConfigsError`` names the row, the runs and the keys."""
+    for g in groups:
+        runs = [r for r in g.runs if r.config]
+        if len(runs) < 2:
+            continue
+        ref = _comparable(_normalized(runs[0].config))
+        ref.get("train", {}).pop("seed", None)
+        for r in runs[1:]:
+            other = _comparable(_normalized(r.config))
+            other.get("train", {}).pop("seed", None)
+            diff = _diff_keys(ref, other)
+            if diff:
+                raise MixedConfigsError(
+                    f"row {g.label!r}: runs {runs[0].name} and {r.name} differ in "
+                    f"{', '.join(diff)} (not only the seed): their numbers are not seeds of "
+                    "one configuration; give them different variants or separate experiments"
+                )
+
+
+def _short_commit(m: dict[str, Any]) -> str:
+    commit = m.get("git_commit")
+    if not commit:
+        return "unknown"
+    return commit[:12] + ("+dirty" if m.get("git_dirty") else "")
+
+
+def provenance_table(runs: list[RunResult]) -> str:
+    """Per run: kava version, git commit, key package versions and device (manifest.json);
+    runs without a manifest are shown as unknown."""
+    header = ["run", "kava", "commit", "torch", "transformers", "peft", "accelerate", "device"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for r in runs:
+        m = r.manifest
+        if m is None:
+            lines.append("| " + " | ".join([r.name] + ["unknown"] * (len(header) - 1)) + " |")
+            continue
+        pk = m.get("packages") or {}
+        dev = m.get("device") or {}
+        device = f"{dev.get('count', '?')} x {dev.get('name') or dev.get('type', '?')}"
+        cells = [r.name, str(m.get("kava_version", "unknown")), _short_commit(m)]
+        cells += [
+            str(pk.get(k) or "unknown") for k in ("torch", "transformers", "peft", "accelerate")
+        ]
+        lines.append("| " + " | ".join([*cells, device]) + " |")
+    return "\n".join(lines)
 
 
 def datasets_of(runs: list[RunResult]) -> list[str]:
@@ -620,6 +679,7 @@ def make_report(
     out.mkdir(parents=True, exist_ok=True)
     runs, incomplete = load_results(exp_dir)
     groups = group_runs(runs)
+    check_same_configs(groups)
     datasets = datasets_of(runs)
     rows = aggregate(groups, datasets)
     info = {}
@@ -661,6 +721,7 @@ def make_report(
         "seed; `seeds` = number of seeds."
     )
     md += ["", markdown_table(rows, datasets), "", "## Runs", "", per_run_table(runs, datasets), ""]
+    md += ["## Provenance", "", provenance_table(runs), ""]
     md += ["## Plots", ""]
     md.append(f"![accuracy vs forward passes]({files['efficiency'].name})")
     md.append(f"![loss curves]({files['losses'].name})")

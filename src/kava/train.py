@@ -2,11 +2,13 @@
 
 ``train(cfg)`` writes into ``cfg.train.output_dir``:
 
-* ``config.yaml``, ``log.jsonl`` (one line per optimizer step: loss terms, lr, tokens/s;
+* ``manifest.json`` (kava.manifest: code, packages, machine; ``finished_at`` at the end),
+  ``config.yaml``, ``log.jsonl`` (one line per optimizer step: loss terms, lr, tokens/s;
   with a curriculum, ``curriculum`` = the Coconut stage or the iCoT removal count, "all"
   once the whole CoT is removed, and ``cot_exhausted`` = rows whose CoT ran out early),
-  ``tb/`` (TensorBoard), ``data_stats.json`` (examples kept / skipped by the length filter);
-* ``checkpoints/step-N/`` every ``save_every`` steps and ``final/`` (see kava.checkpoint);
+  ``tb/`` (TensorBoard; ``train.report_to`` picks accelerate's trackers), ``data_stats.json`` (examples kept / skipped by the length filter);
+* ``checkpoints/step-N/`` every ``save_every`` steps and ``final/`` (see kava.checkpoint;
+  ``final/`` and ``best/`` also hold the model card ``README.md`` and ``manifest.json``);
 * with ``train.eval_every``: ``val_accuracy`` / ``val_passes`` in the log lines of the
   validation steps and ``best/``, the checkpoint most accurate on ``train.eval_dataset``
   (with ``selection.json``: step, accuracy, split).
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 from kava.backbone import Backbone, build_backbone
 from kava.batching import CoconutBatch, Encoded, encode, encode_steps
+from kava.card import CARD, model_card
 from kava.checkpoint import (
     TRAINER_STATE,
     latest_checkpoint,
@@ -41,9 +44,10 @@ from kava.checkpoint import (
     set_rng_state,
 )
 from kava.coconut import coconut_tokens
-from kava.config import KavaConfig, save_config
+from kava.config import TRACKERS, ConfigError, KavaConfig, save_config
 from kava.curricula import Curriculum
 from kava.data import DataError, Example, load_examples
+from kava.manifest import MANIFEST, device_info, finished, start_manifest, write_manifest
 from kava.model import KavaModel
 
 log = logging.getLogger(__name__)
@@ -197,16 +201,49 @@ def rng_file_name(process_index: int) -> str:
     return f"rng_state_{process_index}.pt"
 
 
-def tensorboard_writer(path: Path):
-    """A TensorBoard writer, or None (with a warning) when tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning(
-            "tensorboard is not installed: logging to log.jsonl only (pip install tensorboard)"
-        )
-        return None
-    return SummaryWriter(str(path))
+def trackers(cfg: KavaConfig, run_dir: Path, available: set[str] | None = None) -> list:
+    """What ``Accelerator(log_with=...)`` gets for ``train.report_to``: accelerate's tracker
+    names, TensorBoard as a tracker writing to ``run_dir/tb``. A tracker whose package is
+    not installed is a ``ConfigError`` naming the key and the package (``available``:
+    the trackers accelerate finds, default ``accelerate.tracking.get_available_trackers``)."""
+    from accelerate.tracking import TensorBoardTracker, get_available_trackers
+
+    if available is None:
+        available = {str(t) for t in get_available_trackers()}
+    out = []
+    for name in cfg.train.report_to:
+        if name not in available:
+            raise ConfigError(
+                f"train.report_to: tracker {name!r} needs the package {TRACKERS[name]} "
+                f"(pip install {TRACKERS[name]}), or drop it (train.report_to=none)"
+            )
+        out.append(TensorBoardTracker("tb", str(run_dir)) if name == "tensorboard" else name)
+    return out
+
+
+def tracker_config(cfg: KavaConfig) -> dict:
+    """The resolved config flattened to dotted keys of scalars (what trackers accept)."""
+    flat: dict = {}
+
+    def walk(node, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                ok = isinstance(v, (int, float, str, bool))
+                flat[prefix + k] = v if ok else str(v)
+
+    walk(cfg.to_dict(), "")
+    return flat
+
+
+def tracked_values(rec: dict) -> dict:
+    """A log.jsonl record as tracker scalars: every number but the step, as train/<key>."""
+    return {
+        f"train/{k}": v
+        for k, v in rec.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -217,7 +254,10 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
 
     t = cfg.train
     run_dir = Path(t.output_dir)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg))
+    log_with = trackers(cfg, run_dir)
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(cfg), log_with=log_with or None, project_dir=str(run_dir)
+    )
     world = accelerator.num_processes
     accum = max(1, t.global_batch_size // (t.micro_batch_size * world))
     if accum * t.micro_batch_size * world != t.global_batch_size:
@@ -237,6 +277,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     val_examples = load_validation_examples(cfg)
     val_cfg = validation_config(cfg)
     n_skipped = sum(data.skipped.values())
+    manifest: dict = {}
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -324,7 +365,13 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             truncate_log(run_dir / "log.jsonl", step)
         accelerator.print(f"resumed from {ckpt} at step {step}")
 
-    writer = tensorboard_writer(run_dir / "tb") if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        device = device_info(accelerator.device.type, accelerator.num_processes)
+        manifest = start_manifest(run_dir, cfg, device, resume)
+    if log_with:
+        accelerator.init_trackers(
+            "kava", config=tracker_config(cfg), init_kwargs={"wandb": {"name": run_dir.name}}
+        )
     log_file = (run_dir / "log.jsonl").open("a") if accelerator.is_main_process else None
     bar = tqdm(
         total=total_steps,
@@ -333,7 +380,12 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         desc="train",
     )
 
-    def checkpoint(path: Path, with_state: bool) -> None:
+    def hub_files(selection: dict | None = None) -> dict:
+        """The model card and manifest of final/ and best/ (kava.card, kava.manifest)."""
+        card = model_card(cfg, manifest=manifest, selection=selection)
+        return {"extra_json": {MANIFEST: manifest}, "extra_text": {CARD: card}}
+
+    def checkpoint(path: Path, with_state: bool, **extra) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = None
@@ -344,7 +396,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     "scheduler": scheduler.state_dict(),
                     "best": best,
                 }
-            save_checkpoint(path, backbone, cfg, state)
+            save_checkpoint(path, backbone, cfg, state, **extra)
         if with_state:  # every process has its own RNG stream (dropout); each saves its own
             accelerator.wait_for_everyone()
             ranks_rng = {
@@ -376,9 +428,9 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     "correct": m["correct"],
                     "mean_forward_passes": m["mean_forward_passes"],
                 }
-                save_checkpoint(
-                    run_dir / "best", backbone, cfg, extra_json={"selection.json": selection}
-                )
+                files = hub_files(selection)
+                files["extra_json"]["selection.json"] = selection
+                save_checkpoint(run_dir / "best", backbone, cfg, **files)
             model.train()
         accelerator.wait_for_everyone()
         return fields
@@ -449,9 +501,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 if accelerator.is_main_process:
                     log_file.write(json.dumps(rec) + "\n")
                     log_file.flush()
-                    for k, v in rec.items():
-                        if writer is not None and isinstance(v, float) and k != "epoch":
-                            writer.add_scalar(f"train/{k}", v, step)
+                    accelerator.log(tracked_values(rec), step=step)
                 bar.set_postfix(
                     {
                         k: f"{rec[k]:.3g}"
@@ -474,10 +524,13 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 break
     bar.close()
     final = run_dir / "final"
-    checkpoint(final, with_state=True)
     if accelerator.is_main_process:
-        if writer is not None:
-            writer.close()
+        manifest = finished(manifest)
+        write_manifest(run_dir, manifest)
+    checkpoint(final, with_state=True, **(hub_files() if accelerator.is_main_process else {}))
+    if accelerator.is_main_process:
+        for tracker in accelerator.trackers:
+            tracker.finish()
         log_file.close()
     accelerator.print(f"saved {final}")
     return final
