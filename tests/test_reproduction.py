@@ -1,0 +1,60 @@
+"""The SmolLM2 reproduction (results/smollm2-gsm8k): its specs build the protocol the
+README states, and every run committed there was made with the config the spec builds
+today (so a later session's device run skips exactly those, and the table describes the
+code and config in the repo)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kava.data import HELD_OUT, TEST_SETS
+from kava.experiments import load_spec, run_status
+from kava.methods import METHODS
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "smollm2-gsm8k"
+SPECS = {"eq": 21, "controls": 9, "nl": 21}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_spec_builds_the_stated_protocol(name):
+    exp = load_spec(RESULTS / f"{name}.yaml", output_dir=RESULTS / name)
+    assert len(exp.runs) == SPECS[name]
+    assert exp.seeds == [0, 1, 2]
+    for run in exp.runs:
+        cfg = run.cfg
+        assert cfg.model.name_or_path == "smollm2"
+        assert cfg.data.train == ("gsm8k-train-nl" if name == "nl" else "gsm8k-train-eq")
+        assert cfg.data.train in HELD_OUT
+        # one training budget in examples for every method, selection on validation only
+        assert (cfg.train.epochs, cfg.train.global_batch_size) == (3, 128)
+        assert cfg.train.eval_dataset == "gsm8k-aug-valid"
+        assert cfg.train.eval_dataset not in TEST_SETS
+        assert list(cfg.eval.datasets) == ["gsm8k", "svamp", "gsm-hard", "multiarith"]
+        if METHODS[run.method].latent and run.method != "codi" and run.method != "coconut":
+            assert (cfg.latent.num_latents, cfg.latent.num_iterations) == (24, 3)
+        if run.method == "codi":  # CODI's own recipe
+            assert cfg.latent.num_latents == 6
+    if name == "controls":
+        assert {dict(r.variant)["rkv.method"] for r in exp.runs} == {"random", "uniform", "crop"}
+    else:
+        assert [m.name for m in METHODS.values()] == exp.methods  # all seven, paper order
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_committed_runs_match_the_spec(name):
+    exp = load_spec(RESULTS / f"{name}.yaml", output_dir=RESULTS / name)
+    committed = [r for r in exp.runs if (r.dir / "DONE.json").is_file()]
+    for run in committed:  # a config drift raises SpecError naming the keys
+        assert run_status(run) == "done", run.name
+        done = json.loads((run.dir / "DONE.json").read_text())
+        assert done["checkpoint"] in ("best", "final")
+        for ds in exp.datasets:  # every test set scored in full
+            assert done["metrics"][ds]["n"] == {
+                "gsm8k": 1319,
+                "svamp": 1000,
+                "gsm-hard": 1319,
+                "multiarith": 600,
+            }[ds]
+        assert done["selection"]["dataset"] == "gsm8k-aug-valid"
+        assert not list(run.dir.rglob("*.safetensors"))  # no weights in the repo
