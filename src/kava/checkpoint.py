@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from kava.backbone import Backbone, build_backbone
 from kava.config import KavaConfig, load_config, save_config
+from kava.guard import first_nonfinite
 
 TRAINABLE = "trainable.safetensors"
 TRAINER_STATE = "trainer_state.pt"
@@ -55,9 +56,13 @@ def save_checkpoint(
     before the rename (metadata that must never describe other weights, e.g.
     ``selection.json``)."""
     path = Path(path)
+    state = trainable_state(backbone)
+    bad = first_nonfinite(state)
+    if bad is not None:  # never a checkpoint of diverged weights
+        raise CheckpointError(f"{path}: not saved: tensor {bad} holds NaN/inf values")
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(backbone), str(tmp / TRAINABLE))
+    save_file(state, str(tmp / TRAINABLE))
     if cfg.lora.enabled:
         # new-token rows live in trainable.safetensors; no copy of the whole embedding matrix
         backbone.lm.save_pretrained(tmp / "adapter", save_embedding_layers=False)
@@ -88,6 +93,9 @@ def load_trainable(backbone: Backbone, path: str | Path) -> None:
             f"{file}: checkpoint does not match the model "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(f"{file}: tensor {bad} holds NaN/inf values (a diverged run?)")
     params = dict(backbone.named_parameters())
     with torch.no_grad():
         for name, value in state.items():

@@ -425,12 +425,25 @@ def main(argv: list[str] | None = None) -> int:
     from kava.checkpoint import CheckpointError
     from kava.config import ConfigError
     from kava.data import DataError
+    from kava.guard import NonFiniteError, TrainingInterrupted
 
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"kava {args.command}: error: {e}", file=sys.stderr)
+        print_error(args.command, e)
         return 2
+    except NonFiniteError as e:  # training diverged: a run-time failure, not a usage error
+        print_error(args.command, e)
+        return 1
+    except TrainingInterrupted as e:  # SIGTERM: checkpoint saved; 128 + SIGTERM
+        print(f"kava {args.command}: {e}", file=sys.stderr)
+        return 143
+
+
+def print_error(command: str, err: BaseException) -> None:
+    """kava's own errors as one line on stderr: ``kava CMD: error: MESSAGE``."""
+    message = " ".join(str(err).split()) if "\n" in str(err) else str(err)
+    print(f"kava {command}: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,15 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     log_every: int = 1
     save_every: int = 500  # optimizer steps between checkpoints (0 = only at the end)
+    # checkpoints/step-N folders kept (the newest; older ones are deleted after each
+    # successful save; best/ and final/ never). 0 = keep all.
+    save_total_limit: int = 3
+    # A non-finite loss term or gradient norm is never applied. stop: raise, naming the
+    # step and the terms (the newest checkpoint stays the last good one); skip: skip the
+    # optimizer step (counted in log.jsonl as skipped_steps) and stop after
+    # max_consecutive_skips skipped steps in a row.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_consecutive_skips: int = 5
     num_workers: int = 0
     # Pad every sequence segment to a multiple of this (length buckets): compiled layers
     # then see a few shapes. Results do not depend on it (padding invariance).
@@ -367,6 +376,7 @@ def validate(cfg: KavaConfig) -> None:
     _check(t.epochs > 0, "train.epochs", "must be > 0")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1")
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
     _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables validation)")
     _check(t.eval_limit is None or t.eval_limit >= 1, "train.eval_limit", "must be >= 1")
     _check(

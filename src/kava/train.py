@@ -44,6 +44,13 @@ from kava.coconut import coconut_tokens
 from kava.config import KavaConfig, save_config
 from kava.curricula import Curriculum
 from kava.data import DataError, Example, load_examples
+from kava.guard import (
+    NonFiniteError,
+    describe,
+    flagged_names,
+    json_safe,
+    nonfinite_flags,
+)
 from kava.model import KavaModel
 
 log = logging.getLogger(__name__)
@@ -193,6 +200,35 @@ def truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(keep))
 
 
+def write_log(log_file, rec: dict) -> None:
+    """One ``log.jsonl`` line: valid JSON (non-finite floats become null, named in
+    ``nonfinite``), flushed at once."""
+    log_file.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
+    log_file.flush()
+
+
+def step_decision(accelerator, step_bad: torch.Tensor, grad_norm, names: list[str]) -> list[str]:
+    """The loss terms (and ``grad_norm``) that were non-finite on ANY process in this
+    step: the flags are summed over processes, so every rank takes the same decision."""
+    norm = torch.as_tensor(grad_norm, device=step_bad.device).float().reshape(1)
+    flags = torch.cat([step_bad.float(), nonfinite_flags(norm).float()])
+    flags = accelerator.reduce(flags, reduction="sum")
+    return flagged_names((flags > 0).tolist(), names)
+
+
+def nonfinite_message(step: int, parts: list[str], run_dir: Path, cfg: KavaConfig) -> str:
+    newest = latest_checkpoint(run_dir)
+    kept = (
+        f"the newest checkpoint {newest} holds the last good weights"
+        if newest
+        else "no checkpoint was saved yet"
+    )
+    return (
+        f"{describe(step, parts)}; the update was not applied and {kept}. Lower train.lr "
+        f"(now {cfg.train.lr:g}) or set train.on_nonfinite=skip"
+    )
+
+
 def rng_file_name(process_index: int) -> str:
     return f"rng_state_{process_index}.pt"
 
@@ -292,6 +328,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
 
     step = 0
     best: dict | None = None  # {"step", "accuracy"} of best/ so far (train.eval_every)
+    skipped_steps = consecutive_skips = 0  # train.on_nonfinite: skip
     if not resume and any((run_dir / n).exists() for n in ("log.jsonl", "checkpoints", "final")):
         raise FileExistsError(
             f"{run_dir} already holds a training run; continue it with --resume, "
@@ -320,6 +357,8 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         accelerator.unwrap_model(model).generator.set_state(ranks_rng["eviction_rng"])
         step = state["step"]
         best = state.get("best")
+        skipped_steps = state.get("skipped_steps", 0)
+        consecutive_skips = state.get("consecutive_skips", 0)
         if accelerator.is_main_process:
             truncate_log(run_dir / "log.jsonl", step)
         accelerator.print(f"resumed from {ckpt} at step {step}")
@@ -343,6 +382,8 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "best": best,
+                    "skipped_steps": skipped_steps,
+                    "consecutive_skips": consecutive_skips,
                 }
             save_checkpoint(path, backbone, cfg, state)
         if with_state:  # every process has its own RNG stream (dropout); each saves its own
@@ -383,101 +424,137 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         accelerator.wait_for_everyone()
         return fields
 
-    model.train()
-    sums: dict[str, torch.Tensor] = {}
-    n_micro, tokens, exhausted, t0 = 0, 0, 0, time.perf_counter()
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        dl = loader(epoch)
-        skip = done_in_epoch * accum
-        if skip:
-            dl = accelerator.skip_first_batches(dl, skip)
-        for i, items in enumerate(dl, start=skip):
-            if i >= steps_per_epoch * accum:
-                break  # leftover micro-batches that do not fill an optimizer step
-            built = curriculum.batch(items, step, i % accum)
-            batch = built.batch.to(accelerator.device)
-            exhausted += built.cot_exhausted
-            sync = (i + 1) % accum == 0
-            ctx = accelerator.no_sync(model) if not sync else torch.enable_grad()
-            with ctx:
-                out = model(batch)
-                accelerator.backward(out.total / accum)
-            for k, v in out.metrics.items():
-                sums[k] = sums[k] + v if k in sums else v
-            del out  # teacher capture, latent KV, compressed KV: free before the next forward
-            n_micro += 1
-            tokens += batch_tokens(batch, cfg)
-            if not sync:
-                continue
-            grad_norm = None
-            if t.grad_clip > 0:
+    try:
+        model.train()
+        sums: dict[str, torch.Tensor] = {}  # loss terms of the applied steps since the last line
+        step_sums: dict[str, torch.Tensor] = {}  # loss terms of the step being accumulated
+        step_bad: torch.Tensor | None = None  # which loss terms were non-finite in this step
+        window_nonfinite: list[str] = []  # terms non-finite in steps skipped since the last line
+        n_micro, step_micro, tokens, exhausted, t0 = 0, 0, 0, 0, time.perf_counter()
+        while step < total_steps:
+            epoch, done_in_epoch = divmod(step, steps_per_epoch)
+            dl = loader(epoch)
+            skip = done_in_epoch * accum
+            if skip:
+                dl = accelerator.skip_first_batches(dl, skip)
+            for i, items in enumerate(dl, start=skip):
+                if i >= steps_per_epoch * accum:
+                    break  # leftover micro-batches that do not fill an optimizer step
+                built = curriculum.batch(items, step, i % accum)
+                batch = built.batch.to(accelerator.device)
+                exhausted += built.cot_exhausted
+                sync = (i + 1) % accum == 0
+                ctx = accelerator.no_sync(model) if not sync else torch.enable_grad()
+                with ctx:
+                    out = model(batch)
+                    accelerator.backward(out.total / accum)
+                for k, v in out.metrics.items():
+                    step_sums[k] = step_sums[k] + v if k in step_sums else v
+                bad = nonfinite_flags(torch.stack(list(out.metrics.values())))
+                step_bad = bad if step_bad is None else step_bad | bad
+                del out  # teacher capture, latent KV, compressed KV: free before the next forward
+                step_micro += 1
+                tokens += batch_tokens(batch, cfg)
+                if not sync:
+                    continue
+                # the norm is computed without clipping too (max_norm=inf scales by exactly 1)
                 grad_norm = accelerator.clip_grad_norm_(
-                    backbone.trainable_parameters(), t.grad_clip
+                    backbone.trainable_parameters(), t.grad_clip if t.grad_clip > 0 else math.inf
                 )
-            lr = scheduler.get_last_lr()[0]  # the lr this step used
-            if curriculum.resets_optimizer and curriculum.switches_at(step):
-                reset_optimizer_state(optimizer)  # a new stage / removal count starts here
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            validating = val_examples is not None and (
-                step % t.eval_every == 0 or step == total_steps
-            )
-            val_fields = validate() if validating else {}
-            if step % t.log_every == 0 or step == total_steps or validating:
-                elapsed = time.perf_counter() - t0
-                # mean over the micro-batches since the last log line, and over processes
-                means = accelerator.reduce(
-                    torch.stack(list(sums.values())) / n_micro, reduction="mean"
-                )
-                rec = dict(zip(sums, means.tolist()))
-                rec.update(
-                    step=step,
-                    epoch=round(step / steps_per_epoch, 4),
-                    lr=lr,
-                    tokens_per_s=tokens * world / max(elapsed, 1e-9),
-                    grad_norm=float(grad_norm) if grad_norm is not None else None,
-                    **val_fields,
-                )
-                if curriculum.kind != "none":
-                    value = curriculum.value(step - 1)  # of the step just taken
-                    rec["curriculum"] = "all" if math.isinf(value) else int(value)
-                    counted = torch.tensor(exhausted, device=accelerator.device)
-                    rec["cot_exhausted"] = int(accelerator.reduce(counted, reduction="sum"))
-                if accelerator.is_main_process:
-                    log_file.write(json.dumps(rec) + "\n")
-                    log_file.flush()
-                    for k, v in rec.items():
-                        if writer is not None and isinstance(v, float) and k != "epoch":
-                            writer.add_scalar(f"train/{k}", v, step)
-                bar.set_postfix(
-                    {
-                        k: f"{rec[k]:.3g}"
-                        for k in (
-                            "loss",
-                            "student_ce",
-                            "teacher_ce",
-                            "codi_loss",
-                            "kv_loss",
-                            "val_accuracy",
+                lr = scheduler.get_last_lr()[0]  # the lr this step used
+                names = [*step_sums, "grad_norm"]
+                bad_parts = step_decision(accelerator, step_bad, grad_norm, names)
+                if curriculum.resets_optimizer and curriculum.switches_at(step):
+                    reset_optimizer_state(optimizer)  # a new stage / removal count starts here
+                if bad_parts:
+                    if accelerator.is_main_process:
+                        write_log(log_file, {"step": step + 1, "nonfinite": bad_parts, "lr": lr})
+                    if t.on_nonfinite == "stop":
+                        raise NonFiniteError(nonfinite_message(step + 1, bad_parts, run_dir, cfg))
+                    skipped_steps += 1
+                    consecutive_skips += 1
+                    window_nonfinite += [p for p in bad_parts if p not in window_nonfinite]
+                    if consecutive_skips >= t.max_consecutive_skips:
+                        raise NonFiniteError(
+                            nonfinite_message(step + 1, bad_parts, run_dir, cfg)
+                            + f" ({consecutive_skips} steps in a row skipped; "
+                            "train.max_consecutive_skips)"
                         )
-                        if k in rec
-                    }
+                    accelerator.print(f"{describe(step + 1, bad_parts)}: optimizer step skipped")
+                else:
+                    consecutive_skips = 0
+                    optimizer.step()
+                    for k, v in step_sums.items():
+                        sums[k] = sums[k] + v if k in sums else v
+                    n_micro += step_micro
+                scheduler.step()  # the schedule follows the step (and the data position)
+                optimizer.zero_grad(set_to_none=True)
+                step_sums, step_bad, step_micro = {}, None, 0
+                step += 1
+                validating = val_examples is not None and (
+                    step % t.eval_every == 0 or step == total_steps
                 )
-                sums, n_micro, tokens, exhausted, t0 = {}, 0, 0, 0, time.perf_counter()
-            bar.update(1)
-            if t.save_every and step % t.save_every == 0 and step < total_steps:
-                checkpoint(run_dir / "checkpoints" / f"step-{step}", with_state=True)
-            if step >= total_steps:
-                break
-    bar.close()
+                val_fields = validate() if validating else {}
+                if step % t.log_every == 0 or step == total_steps or validating:
+                    elapsed = time.perf_counter() - t0
+                    # mean over the micro-batches of the applied steps since the last log
+                    # line, and over processes (null when every step since was skipped)
+                    rec: dict = dict.fromkeys(names[:-1])
+                    if n_micro:
+                        means = accelerator.reduce(
+                            torch.stack(list(sums.values())) / n_micro, reduction="mean"
+                        )
+                        rec.update(zip(sums, means.tolist()))
+                    rec.update(
+                        step=step,
+                        epoch=round(step / steps_per_epoch, 4),
+                        lr=lr,
+                        tokens_per_s=tokens * world / max(elapsed, 1e-9),
+                        grad_norm=float(grad_norm),
+                        skipped_steps=skipped_steps,
+                        **val_fields,
+                    )
+                    if window_nonfinite:
+                        rec["nonfinite"] = window_nonfinite
+                    if curriculum.kind != "none":
+                        value = curriculum.value(step - 1)  # of the step just taken
+                        rec["curriculum"] = "all" if math.isinf(value) else int(value)
+                        counted = torch.tensor(exhausted, device=accelerator.device)
+                        rec["cot_exhausted"] = int(accelerator.reduce(counted, reduction="sum"))
+                    rec = json_safe(rec)
+                    if accelerator.is_main_process:
+                        write_log(log_file, rec)
+                        for k, v in rec.items():
+                            if writer is not None and isinstance(v, float) and k != "epoch":
+                                writer.add_scalar(f"train/{k}", v, step)
+                    bar.set_postfix(
+                        {
+                            k: f"{rec[k]:.3g}"
+                            for k in (
+                                "loss",
+                                "student_ce",
+                                "teacher_ce",
+                                "codi_loss",
+                                "kv_loss",
+                                "val_accuracy",
+                            )
+                            if rec.get(k) is not None
+                        }
+                    )
+                    sums, n_micro, tokens, exhausted, t0 = {}, 0, 0, 0, time.perf_counter()
+                    window_nonfinite = []
+                bar.update(1)
+                if t.save_every and step % t.save_every == 0 and step < total_steps:
+                    checkpoint(run_dir / "checkpoints" / f"step-{step}", with_state=True)
+                if step >= total_steps:
+                    break
+    finally:  # also when a NonFiniteError stops the run: the log lines so far are kept
+        bar.close()
+        if accelerator.is_main_process:
+            if writer is not None:
+                writer.close()
+            log_file.close()
     final = run_dir / "final"
     checkpoint(final, with_state=True)
-    if accelerator.is_main_process:
-        if writer is not None:
-            writer.close()
-        log_file.close()
     accelerator.print(f"saved {final}")
     return final
