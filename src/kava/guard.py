@@ -8,6 +8,8 @@ the same step.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,3 +58,26 @@ def first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return name
     return None
+
+
+class StopRequest:
+    """While entered, SIGTERM only sets ``requested`` (the training loop saves a
+    checkpoint at the next step boundary and stops); the previous handler comes back on
+    exit. Outside the main thread (where signals cannot be handled) it does nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

@@ -33,12 +33,21 @@ from tqdm.auto import tqdm
 from kava.backbone import Backbone, build_backbone
 from kava.batching import CoconutBatch, Encoded, encode, encode_steps
 from kava.checkpoint import (
-    TRAINER_STATE,
+    TRAINABLE,
+    apply_trainable,
+    clean_staging,
+    commit_checkpoint,
     latest_checkpoint,
     load_trainable,
+    prune_checkpoints,
+    resume_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    staging_path,
+    start_staging,
+    write_checkpoint_files,
+    write_rank_state,
 )
 from kava.coconut import coconut_tokens
 from kava.config import KavaConfig, save_config
@@ -46,6 +55,8 @@ from kava.curricula import Curriculum
 from kava.data import DataError, Example, load_examples
 from kava.guard import (
     NonFiniteError,
+    StopRequest,
+    TrainingInterrupted,
     describe,
     flagged_names,
     json_safe,
@@ -207,13 +218,17 @@ def write_log(log_file, rec: dict) -> None:
     log_file.flush()
 
 
-def step_decision(accelerator, step_bad: torch.Tensor, grad_norm, names: list[str]) -> list[str]:
+def step_decision(
+    accelerator, step_bad: torch.Tensor, grad_norm, names: list[str], stop: bool
+) -> tuple[list[str], bool]:
     """The loss terms (and ``grad_norm``) that were non-finite on ANY process in this
-    step: the flags are summed over processes, so every rank takes the same decision."""
+    step, and whether any process got SIGTERM: the flags are summed over processes (one
+    collective), so every rank takes the same decisions."""
     norm = torch.as_tensor(grad_norm, device=step_bad.device).float().reshape(1)
-    flags = torch.cat([step_bad.float(), nonfinite_flags(norm).float()])
-    flags = accelerator.reduce(flags, reduction="sum")
-    return flagged_names((flags > 0).tolist(), names)
+    stop_flag = torch.tensor([float(stop)], device=step_bad.device)
+    flags = torch.cat([step_bad.float(), nonfinite_flags(norm).float(), stop_flag])
+    flags = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+    return flagged_names(flags[:-1], names), flags[-1]
 
 
 def nonfinite_message(step: int, parts: list[str], run_dir: Path, cfg: KavaConfig) -> str:
@@ -338,23 +353,19 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         load_trainable(backbone, t.init_from)  # e.g. Coconut from a CoT run's final/
         accelerator.print(f"initialised the trainable tensors from {t.init_from}")
     if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(
-                f"--resume: no checkpoints/step-N with a trainer state in {run_dir}"
-            )
-        load_trainable(backbone, ckpt)
-        state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
+        if accelerator.is_main_process:
+            clean_staging(run_dir)  # leftovers of a save interrupted by a crash
+        accelerator.wait_for_everyone()
+        resumed = resume_state(
+            run_dir, rng_file_name(accelerator.process_index), accelerator.num_processes
+        )
+        ckpt = resumed.path
+        apply_trainable(backbone, resumed.trainable, ckpt / TRAINABLE)
+        state = resumed.trainer
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        rng_file = ckpt / rng_file_name(accelerator.process_index)
-        if not rng_file.is_file():
-            raise FileNotFoundError(
-                f"{rng_file} missing: resume with the number of processes the run was saved with"
-            )
-        ranks_rng = torch.load(rng_file, weights_only=False)
-        set_rng_state(ranks_rng["rng"])
-        accelerator.unwrap_model(model).generator.set_state(ranks_rng["eviction_rng"])
+        set_rng_state(resumed.rank["rng"])
+        accelerator.unwrap_model(model).generator.set_state(resumed.rank["eviction_rng"])
         step = state["step"]
         best = state.get("best")
         skipped_steps = state.get("skipped_steps", 0)
@@ -373,8 +384,12 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     )
 
     def checkpoint(path: Path, with_state: bool) -> None:
+        """Save into ``path.tmp`` from every process, then commit (checksums, fsync,
+        rename) from the main one; older step-N folders beyond train.save_total_limit go."""
         accelerator.wait_for_everyone()
+        tmp = staging_path(path)
         if accelerator.is_main_process:
+            start_staging(path)
             state = None
             if with_state:
                 state = {
@@ -385,14 +400,19 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     "skipped_steps": skipped_steps,
                     "consecutive_skips": consecutive_skips,
                 }
-            save_checkpoint(path, backbone, cfg, state)
+            write_checkpoint_files(tmp, backbone, cfg, state)
+        accelerator.wait_for_everyone()
         if with_state:  # every process has its own RNG stream (dropout); each saves its own
-            accelerator.wait_for_everyone()
             ranks_rng = {
                 "rng": rng_state(),
                 "eviction_rng": accelerator.unwrap_model(model).generator.get_state(),
             }
-            torch.save(ranks_rng, path / rng_file_name(accelerator.process_index))
+            write_rank_state(tmp, rng_file_name(accelerator.process_index), ranks_rng)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            commit_checkpoint(tmp, path)
+            if path.parent.name == "checkpoints":
+                prune_checkpoints(run_dir, t.save_total_limit)
         accelerator.wait_for_everyone()
 
     def validate() -> dict[str, float]:
@@ -424,6 +444,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         accelerator.wait_for_everyone()
         return fields
 
+    stop = StopRequest().__enter__()  # SIGTERM: checkpoint at the next step boundary
     try:
         model.train()
         sums: dict[str, torch.Tensor] = {}  # loss terms of the applied steps since the last line
@@ -463,7 +484,9 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 )
                 lr = scheduler.get_last_lr()[0]  # the lr this step used
                 names = [*step_sums, "grad_norm"]
-                bad_parts = step_decision(accelerator, step_bad, grad_norm, names)
+                bad_parts, stopping = step_decision(
+                    accelerator, step_bad, grad_norm, names, stop.requested
+                )
                 if curriculum.resets_optimizer and curriculum.switches_at(step):
                     reset_optimizer_state(optimizer)  # a new stage / removal count starts here
                 if bad_parts:
@@ -544,11 +567,18 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     sums, n_micro, tokens, exhausted, t0 = {}, 0, 0, 0, time.perf_counter()
                     window_nonfinite = []
                 bar.update(1)
-                if t.save_every and step % t.save_every == 0 and step < total_steps:
+                saving = t.save_every and step % t.save_every == 0
+                if (saving or stopping) and step < total_steps:
                     checkpoint(run_dir / "checkpoints" / f"step-{step}", with_state=True)
+                if stopping and step < total_steps:
+                    raise TrainingInterrupted(
+                        f"SIGTERM: saved {run_dir / 'checkpoints' / f'step-{step}'} at step "
+                        f"{step} of {total_steps}; continue with --resume"
+                    )
                 if step >= total_steps:
                     break
     finally:  # also when a NonFiniteError stops the run: the log lines so far are kept
+        stop.__exit__()
         bar.close()
         if accelerator.is_main_process:
             if writer is not None:
