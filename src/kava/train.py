@@ -63,6 +63,7 @@ from kava.guard import (
     nonfinite_flags,
 )
 from kava.model import KavaModel
+from kava.rundir import check_fresh, check_resume, record_resume
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,8 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             accum * t.micro_batch_size * world,
         )
     set_seed(t.seed, device_specific=True)  # each process its own dropout stream
+    # before anything is loaded or written: a refused run leaves the folder untouched
+    changes = check_resume(run_dir, cfg) if resume else check_fresh(run_dir)
 
     backbone = build_backbone(cfg)
     apply_speed_options(backbone, cfg, accelerator.device)
@@ -289,12 +292,13 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     val_cfg = validation_config(cfg)
     n_skipped = sum(data.skipped.values())
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        stats = {"examples": data.total, "kept": len(data.items), "skipped": data.skipped}
-        if val_examples is not None:
-            stats["validation"] = {"dataset": t.eval_dataset, "n": len(val_examples)}
-        (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+        if not resume:  # a resumed run keeps its original config.yaml and data stats
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            stats = {"examples": data.total, "kept": len(data.items), "skipped": data.skipped}
+            if val_examples is not None:
+                stats["validation"] = {"dataset": t.eval_dataset, "n": len(val_examples)}
+            (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
         msg = f"training on {len(data.items)} of {data.total} examples"
         if n_skipped:
             msg += f"; skipped {n_skipped} longer than the limits: {data.skipped}"
@@ -344,11 +348,6 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     step = 0
     best: dict | None = None  # {"step", "accuracy"} of best/ so far (train.eval_every)
     skipped_steps = consecutive_skips = 0  # train.on_nonfinite: skip
-    if not resume and any((run_dir / n).exists() for n in ("log.jsonl", "checkpoints", "final")):
-        raise FileExistsError(
-            f"{run_dir} already holds a training run; continue it with --resume, "
-            "or set another train.output_dir"
-        )
     if t.init_from is not None and not resume:
         load_trainable(backbone, t.init_from)  # e.g. Coconut from a CoT run's final/
         accelerator.print(f"initialised the trainable tensors from {t.init_from}")
@@ -372,6 +371,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         consecutive_skips = state.get("consecutive_skips", 0)
         if accelerator.is_main_process:
             truncate_log(run_dir / "log.jsonl", step)
+            record_resume(run_dir, step, changes)
         accelerator.print(f"resumed from {ckpt} at step {step}")
 
     writer = tensorboard_writer(run_dir / "tb") if accelerator.is_main_process else None
