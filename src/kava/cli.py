@@ -42,6 +42,17 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is a usage error naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -90,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--datasets", type=_csv, help="comma-separated; default: eval.datasets of the config"
     )
-    p.add_argument("--limit", type=int, help="first N questions of each dataset")
-    p.add_argument("--batch-size", type=int, help="generation batch size (default eval.batch_size)")
+    p.add_argument("--limit", type=_positive_int, help="first N questions of each dataset")
+    p.add_argument(
+        "--batch-size", type=_positive_int, help="generation batch size (default eval.batch_size)"
+    )
     p.add_argument("--out", help="output folder (default <checkpoint>/eval)")
     _add_overrides(p)
     p.add_argument("--no-progress", action="store_true")
@@ -171,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--answer", help="gold answer for the teacher pass (default: the last number of --cot)"
     )
-    p.add_argument("--top-k", type=int, default=5, help="tokens shown per latent (default 5)")
+    p.add_argument(
+        "--top-k", type=_positive_int, default=5, help="tokens shown per latent (default 5)"
+    )
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     _add_overrides(p)
     return parser
@@ -211,8 +226,11 @@ def cmd_eval(args) -> int:
     from kava.backbone import build_backbone, default_device
     from kava.checkpoint import load_checkpoint
     from kava.config import load_config
+    from kava.data import check_spec
     from kava.evaluate import run_eval
 
+    for name in args.datasets or []:
+        check_spec(name)  # a mistyped name fails before the model is loaded
     if args.checkpoint:
         backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
         out = Path(args.out or Path(args.checkpoint) / "eval")
@@ -233,9 +251,11 @@ def cmd_eval(args) -> int:
 def cmd_solve(args) -> int:
     from kava.backbone import default_device
     from kava.checkpoint import load_checkpoint
-    from kava.data import Example
+    from kava.data import DataError, Example
     from kava.evaluate import evaluate
 
+    if not args.question.strip():
+        raise DataError("the question is empty")
     backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
     backbone.to(default_device())
     m = evaluate(
@@ -349,9 +369,6 @@ def cmd_inspect(args) -> int:
         probe_latents,
     )
 
-    if args.top_k < 1:
-        print("kava inspect: error: --top-k must be >= 1", file=sys.stderr)
-        return 2
     backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
     backbone.to(default_device())
     result: dict = {"question": args.question, "method": cfg.method}

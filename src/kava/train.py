@@ -52,7 +52,7 @@ from kava.checkpoint import (
 from kava.coconut import coconut_tokens
 from kava.config import KavaConfig, save_config
 from kava.curricula import Curriculum
-from kava.data import DataError, Example, load_examples
+from kava.data import DataError, Example, check_spec, load_examples
 from kava.guard import (
     NonFiniteError,
     StopRequest,
@@ -112,6 +112,32 @@ def encode_examples(
             f"the length filter removed all {len(examples)} examples ({skipped}); raise data.max_*_tokens"
         )
     return EncodedData(items, len(examples), skipped)
+
+
+def check_cot(examples: Sequence[Example], cfg: KavaConfig) -> int:
+    """A method that trains on a written CoT (the teacher of KaVa/CODI/PCCoT, CoT, iCoT,
+    Coconut) needs examples that have one: data without any CoT (e.g. an eval-only set
+    such as svamp) is refused, since the CoT losses would supervise nothing; some
+    examples without one are counted and warned about. Returns that count."""
+    if cfg.method_spec.training_cot == "none":
+        return 0
+    missing = sum(1 for ex in examples if not ex.steps)
+    if missing == len(examples):
+        raise DataError(
+            f"data.train={cfg.data.train}: none of the {len(examples)} examples has a chain "
+            f"of thought, and method {cfg.method} trains on one; use a training set with "
+            "CoT (e.g. gsm8k-train-eq, synthetic) or method=nocot"
+        )
+    if missing:
+        log.warning(
+            "data.train=%s: %d of %d examples have no chain of thought (method %s trains "
+            "on one; those examples teach only the answer)",
+            cfg.data.train,
+            missing,
+            len(examples),
+            cfg.method,
+        )
+    return missing
 
 
 def load_train_examples(cfg: KavaConfig) -> list[Example]:
@@ -283,11 +309,16 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     set_seed(t.seed, device_specific=True)  # each process its own dropout stream
     # before anything is loaded or written: a refused run leaves the folder untouched
     changes = check_resume(run_dir, cfg) if resume else check_fresh(run_dir)
+    check_spec(cfg.data.train)  # a mistyped dataset fails now, not after a Hub round trip
+    if t.eval_every:
+        check_spec(t.eval_dataset)
 
     backbone = build_backbone(cfg)
     apply_speed_options(backbone, cfg, accelerator.device)
     model = KavaModel(backbone, cfg)
-    data = encode_examples(load_train_examples(cfg), backbone, cfg)
+    examples = load_train_examples(cfg)
+    without_cot = check_cot(examples, cfg)
+    data = encode_examples(examples, backbone, cfg)
     val_examples = load_validation_examples(cfg)
     val_cfg = validation_config(cfg)
     n_skipped = sum(data.skipped.values())
@@ -296,6 +327,8 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / "config.yaml")
             stats = {"examples": data.total, "kept": len(data.items), "skipped": data.skipped}
+            if without_cot:
+                stats["without_cot"] = without_cot
             if val_examples is not None:
                 stats["validation"] = {"dataset": t.eval_dataset, "n": len(val_examples)}
             (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
