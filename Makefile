@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format lock clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,14 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 	$(VENV)/bin/ruff format src tests benchmarks
+
+# The exact versions of the CPU test environment (pip freeze of .venv, minus kava itself)
+lock: setup
+	mkdir -p requirements
+	{ echo "# make lock: pip freeze of the CPU test environment (make setup), minus kava itself."; \
+	  echo "# torch is the +cpu build: pip install -r requirements/lock-cpu.txt \\"; \
+	  echo "#   --extra-index-url https://download.pytorch.org/whl/cpu"; \
+	  $(PY) -m pip freeze --disable-pip-version-check --exclude kava; } > requirements/lock-cpu.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -147,7 +147,7 @@ def test_resume_across_switches_is_exact_and_resets_the_optimizer(tmp_path, tiny
         tmp_path,
         tiny_model_dir,
         method=method,
-        train={"max_steps": 8, "save_every": 1, "warmup_ratio": 0.0},
+        train={"max_steps": 8, "save_every": 1, "save_total_limit": 0, "warmup_ratio": 0.0},
     )
     cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), **CURRICULA[method]}))
     assert main(["train", str(cfg), "--no-progress"]) == 0

@@ -50,11 +50,14 @@ def test_committed_runs_match_the_spec(name):
         done = json.loads((run.dir / "DONE.json").read_text())
         assert done["checkpoint"] in ("best", "final")
         for ds in exp.datasets:  # every test set scored in full
-            assert done["metrics"][ds]["n"] == {
-                "gsm8k": 1319,
-                "svamp": 1000,
-                "gsm-hard": 1319,
-                "multiarith": 600,
-            }[ds]
+            assert (
+                done["metrics"][ds]["n"]
+                == {
+                    "gsm8k": 1319,
+                    "svamp": 1000,
+                    "gsm-hard": 1319,
+                    "multiarith": 600,
+                }[ds]
+            )
         assert done["selection"]["dataset"] == "gsm8k-aug-valid"
         assert not list(run.dir.rglob("*.safetensors"))  # no weights in the repo

@@ -14,13 +14,28 @@ A checkpoint folder holds
   (kava.card; ``eval_results.json`` beside it once ``kava eval`` ran) and the run's
   provenance (kava.manifest);
 * ``selection.json``         — in ``best/`` only: the step and validation accuracy that made
-  it the best checkpoint, and the validation split used (``train.eval_every``).
+  it the best checkpoint, and the validation split used (``train.eval_every``);
+* ``checksums.json``         — sha256 and size of every file above (written last).
+
+Crash safety: a checkpoint is written into ``<name>.tmp``, every file and folder is
+fsynced, ``checksums.json`` is written, and only then is the folder renamed into place.
+An existing folder (``final/``, ``best/``) is replaced by renaming it to ``<name>.old``
+first and deleting it after the rename; a crash in between leaves ``<name>.old``, which
+``recover`` renames back. ``--resume`` verifies the checksums of the newest
+``checkpoints/step-N`` and falls back to the previous one, naming what was wrong.
+Files that ``kava eval`` may add or rewrite later (``UNCHECKED``) are not checksummed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import random
+import shutil
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +45,20 @@ from safetensors.torch import load_file, save_file
 
 from kava.backbone import Backbone, build_backbone
 from kava.config import KavaConfig, load_config, save_config
+from kava.guard import first_nonfinite
 
 TRAINABLE = "trainable.safetensors"
 TRAINER_STATE = "trainer_state.pt"
+CHECKSUMS = "checksums.json"
+# added or rewritten inside final/ and best/ by `kava eval` after the save
+UNCHECKED = frozenset({"README.md", "eval_results.json", CHECKSUMS})
+# KAVA_CRASH_AT=<phase>[@n]: SIGKILL this process the n-th time (default 1st) a save
+# reaches <phase> (tests of crash safety; see CRASH_PHASES)
+CRASH_ENV = "KAVA_CRASH_AT"
+CRASH_PHASES = ("trainable", "state", "rank_state", "checksums", "aside", "renamed")
+_crash_counts: dict[str, int] = {}
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -45,6 +71,144 @@ def trainable_state(backbone: Backbone) -> dict[str, torch.Tensor]:
     }
 
 
+def crash_point(phase: str) -> None:
+    """Die here (SIGKILL, no cleanup) when ``$KAVA_CRASH_AT`` names this phase."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    name, _, nth = spec.partition("@")
+    if name != phase:
+        return
+    _crash_counts[phase] = _crash_counts.get(phase, 0) + 1
+    if _crash_counts[phase] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (files first, then their folders)."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for f in files:
+            _fsync(Path(folder) / f)
+        _fsync(Path(folder))
+
+
+def staging_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+def start_staging(path: str | Path) -> Path:
+    """A fresh, empty ``<path>.tmp`` (a leftover of an interrupted save is removed)."""
+    tmp = staging_path(path)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_checkpoint_files(
+    tmp: Path,
+    backbone: Backbone,
+    cfg: KavaConfig,
+    trainer_state: dict[str, Any] | None = None,
+    extra_json: dict[str, Any] | None = None,
+    extra_text: dict[str, str] | None = None,
+) -> None:
+    """Write the files of one checkpoint into the staging folder ``tmp``.
+
+    ``extra_json``: file name -> JSON-serialisable object (metadata that must never
+    describe other weights, e.g. ``selection.json``, ``manifest.json``); ``extra_text``:
+    file name -> text, likewise (the model card ``README.md``)."""
+    state = trainable_state(backbone)
+    bad = first_nonfinite(state)
+    if bad is not None:  # never a checkpoint of diverged weights
+        raise CheckpointError(
+            f"{tmp.with_suffix('')}: not saved: tensor {bad} holds NaN/inf values"
+        )
+    save_file(state, str(tmp / TRAINABLE))
+    crash_point("trainable")
+    if cfg.lora.enabled:
+        # new-token rows live in trainable.safetensors; no copy of the whole embedding matrix
+        backbone.lm.save_pretrained(tmp / "adapter", save_embedding_layers=False)
+    backbone.tokenizer.save_pretrained(tmp / "tokenizer")
+    save_config(cfg, tmp / "config.yaml")
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        crash_point("state")
+    for name, obj in (extra_json or {}).items():
+        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    for name, text in (extra_text or {}).items():
+        (tmp / name).write_text(text)
+
+
+def write_rank_state(tmp: Path, name: str, obj: Any) -> None:
+    """One process's own file (its RNG streams) into the staging folder."""
+    torch.save(obj, tmp / name)
+    crash_point("rank_state")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checked_files(folder: Path) -> list[str]:
+    """Relative paths of the files of ``folder`` that ``checksums.json`` covers."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).as_posix() not in UNCHECKED
+    )
+
+
+def commit_checkpoint(tmp: Path, path: str | Path) -> Path:
+    """Checksum, fsync and rename the staging folder ``tmp`` into place as ``path``."""
+    path = Path(path)
+    sums = {
+        name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        for name in checked_files(tmp)
+    }
+    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
+    _fsync_tree(tmp)
+    crash_point("checksums")
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.rename(path, old)  # a crash from here to the next rename: recover() undoes it
+        crash_point("aside")
+    os.rename(tmp, path)
+    _fsync(path.parent)
+    crash_point("renamed")
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+def recover(path: str | Path) -> None:
+    """Undo a replacement interrupted between its two renames (``<path>.old`` left, no
+    ``<path>``), and drop a staging folder left by an interrupted save."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.is_dir():
+        os.rename(old, path)
+        log.warning("%s: restored from %s (a save was interrupted while replacing it)", path, old)
+    tmp = staging_path(path)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+
+
 def save_checkpoint(
     path: str | Path,
     backbone: Backbone,
@@ -53,33 +217,71 @@ def save_checkpoint(
     extra_json: dict[str, Any] | None = None,
     extra_text: dict[str, str] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically (to ``path.tmp``, then renamed).
+    """Write a checkpoint folder atomically from one process (see the module docstring);
+    ``extra_json`` / ``extra_text`` as in ``write_checkpoint_files``."""
+    tmp = start_staging(path)
+    write_checkpoint_files(tmp, backbone, cfg, trainer_state, extra_json, extra_text)
+    return commit_checkpoint(tmp, path)
 
-    ``extra_json``: file name -> JSON-serialisable object, written inside the folder
-    before the rename (metadata that must never describe other weights, e.g.
-    ``selection.json``, ``manifest.json``); ``extra_text``: file name -> text, likewise
-    (the model card ``README.md``)."""
+
+def verify_checkpoint(path: str | Path, required: tuple[str, ...] = ()) -> list[str]:
+    """What is wrong with a checkpoint folder: missing files, size or sha256 mismatches
+    against ``checksums.json``, an unreadable safetensors header. Empty = sound.
+
+    A folder without ``checksums.json`` (written by an older kava) is checked for its
+    ``required`` files and safetensors header only."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(backbone), str(tmp / TRAINABLE))
-    if cfg.lora.enabled:
-        # new-token rows live in trainable.safetensors; no copy of the whole embedding matrix
-        backbone.lm.save_pretrained(tmp / "adapter", save_embedding_layers=False)
-    backbone.tokenizer.save_pretrained(tmp / "tokenizer")
-    save_config(cfg, tmp / "config.yaml")
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-    for name, obj in (extra_json or {}).items():
-        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
-    for name, text in (extra_text or {}).items():
-        (tmp / name).write_text(text)
-    if path.exists():
-        import shutil
+    problems = [f"{path / name}: missing" for name in required if not (path / name).is_file()]
+    sums_file = path / CHECKSUMS
+    if sums_file.is_file():
+        try:
+            sums = json.loads(sums_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return [*problems, f"{sums_file}: unreadable ({e})"]
+        for name, want in sorted(sums.items()):
+            file = path / name
+            if not file.is_file():
+                problems.append(f"{file}: missing")
+            elif file.stat().st_size != want["bytes"]:
+                problems.append(
+                    f"{file}: truncated or resized ({file.stat().st_size} bytes, "
+                    f"{want['bytes']} when saved)"
+                )
+            elif _sha256(file) != want["sha256"]:
+                problems.append(f"{file}: checksum mismatch (the file changed after the save)")
+    elif (path / TRAINABLE).is_file():
+        try:
+            safe_open_header(path / TRAINABLE)
+        except CheckpointError as e:
+            problems.append(str(e))
+    return sorted(set(problems), key=problems.index)
 
-        shutil.rmtree(path)
-    tmp.rename(path)
-    return path
+
+def safe_open_header(file: Path) -> list[str]:
+    """The tensor names of a safetensors file; ``CheckpointError`` if it is unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for torn files
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from e
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """``load_file`` with a torn or corrupt file reported as a ``CheckpointError``."""
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors' SafetensorError, OSError, ...
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from e
+
+
+def read_torch(file: Path) -> Any:
+    """``torch.load`` (full pickle: kava's own trainer files) as a ``CheckpointError``."""
+    try:
+        return torch.load(file, weights_only=False)
+    except Exception as e:  # zip / unpickling errors of a torn file
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {e})") from e
 
 
 def load_trainable(backbone: Backbone, path: str | Path) -> None:
@@ -87,7 +289,11 @@ def load_trainable(backbone: Backbone, path: str | Path) -> None:
     file = Path(path) / TRAINABLE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: not a kava checkpoint")
-    state = load_file(str(file))
+    apply_trainable(backbone, read_tensors(file), file)
+
+
+def apply_trainable(backbone: Backbone, state: dict[str, torch.Tensor], file: Path) -> None:
+    """Copy ``state`` (read from ``file``) into the trainable tensors of ``backbone``."""
     expected = set(trainable_state(backbone))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -95,6 +301,9 @@ def load_trainable(backbone: Backbone, path: str | Path) -> None:
             f"{file}: checkpoint does not match the model "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(f"{file}: tensor {bad} holds NaN/inf values (a diverged run?)")
     params = dict(backbone.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
@@ -106,8 +315,12 @@ def load_checkpoint(
 ) -> tuple[Backbone, KavaConfig]:
     """Rebuild the backbone of a checkpoint (base model from its config + trained tensors)."""
     path = Path(path)
+    recover(path)
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{path}/config.yaml not found: not a kava checkpoint")
+    problems = verify_checkpoint(path, (TRAINABLE,))
+    if problems:
+        raise CheckpointError("; ".join(problems))
     cfg = load_config(path / "config.yaml", overrides)
     backbone = build_backbone(cfg)
     load_trainable(backbone, path)
@@ -133,12 +346,98 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest ``checkpoints/step-N`` folder with a trainer state, or None."""
+def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(N, checkpoints/step-N)`` of a run, newest first (staging folders excluded)."""
     folder = Path(run_dir) / "checkpoints"
     steps = [
         (int(p.name.split("-", 1)[1]), p)
         for p in folder.glob("step-*")
-        if p.name.split("-", 1)[1].isdigit() and (p / TRAINER_STATE).is_file()
+        if p.is_dir() and p.name.split("-", 1)[1].isdigit()
     ]
-    return max(steps)[1] if steps else None
+    return sorted(steps, reverse=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest ``checkpoints/step-N`` folder with a trainer state, or None."""
+    for _, p in step_checkpoints(run_dir):
+        if (p / TRAINER_STATE).is_file():
+            return p
+    return None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` step-N folders (0 = keep all); best/ and final/
+    live elsewhere and are never touched. Returns the deleted folders."""
+    if keep <= 0:
+        return []
+    old = [p for _, p in step_checkpoints(run_dir)[keep:]]
+    for p in old:
+        shutil.rmtree(p)
+    return old
+
+
+def clean_staging(run_dir: str | Path) -> None:
+    """Remove what interrupted saves left behind: ``*.tmp`` staging folders, and put back
+    a ``final``/``best`` moved aside (``recover``)."""
+    run_dir = Path(run_dir)
+    for p in (run_dir / "checkpoints").glob("*.tmp"):
+        shutil.rmtree(p)
+    for name in ("final", "best"):
+        recover(run_dir / name)
+
+
+def rank_files_of(ckpt: Path) -> list[str]:
+    """The per-process ``rng_state_<rank>.pt`` files a checkpoint was saved with (from
+    ``checksums.json`` when present: a lost file still counts)."""
+    sums = ckpt / CHECKSUMS
+    try:
+        names = json.loads(sums.read_text()) if sums.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        names = None  # reported by verify_checkpoint
+    if names is None:
+        names = [p.name for p in ckpt.glob("rng_state_*.pt")]
+    return sorted(n for n in names if n.startswith("rng_state_") and n.endswith(".pt"))
+
+
+@dataclass
+class ResumeState:
+    path: Path
+    trainable: dict[str, torch.Tensor]
+    trainer: dict[str, Any]
+    rank: dict[str, Any]  # this process's RNG streams
+
+
+def resume_state(run_dir: str | Path, rank_file: str, n_rank_files: int) -> ResumeState:
+    """The newest sound ``checkpoints/step-N``, read into memory. A checkpoint that fails
+    verification or reading is skipped with a warning naming what was wrong; none left
+    is a ``CheckpointError`` listing every problem."""
+    candidates = step_checkpoints(run_dir)
+    if not candidates:
+        raise FileNotFoundError(
+            f"--resume: no checkpoints/step-N with a trainer state in {run_dir}"
+        )
+    problems_seen = []
+    for _, ckpt in candidates:
+        saved_ranks = rank_files_of(ckpt)
+        if saved_ranks and len(saved_ranks) != n_rank_files:
+            raise CheckpointError(
+                f"{ckpt}: saved by {len(saved_ranks)} processes, resumed with {n_rank_files}: "
+                "resume with the number of processes the run was saved with"
+            )
+        problems = verify_checkpoint(ckpt, (TRAINABLE, TRAINER_STATE, "config.yaml", rank_file))
+        if not problems:
+            try:
+                return ResumeState(
+                    ckpt,
+                    read_tensors(ckpt / TRAINABLE),
+                    read_torch(ckpt / TRAINER_STATE),
+                    read_torch(ckpt / rank_file),
+                )
+            except CheckpointError as e:
+                problems = [str(e)]
+        log.warning("--resume: skipping %s: %s", ckpt, "; ".join(problems))
+        problems_seen += problems
+    raise CheckpointError(
+        f"--resume: no sound checkpoint in {Path(run_dir) / 'checkpoints'}: "
+        + "; ".join(problems_seen)
+    )

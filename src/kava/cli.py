@@ -43,6 +43,17 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is a usage error naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -91,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--datasets", type=_csv, help="comma-separated; default: eval.datasets of the config"
     )
-    p.add_argument("--limit", type=int, help="first N questions of each dataset")
-    p.add_argument("--batch-size", type=int, help="generation batch size (default eval.batch_size)")
+    p.add_argument("--limit", type=_positive_int, help="first N questions of each dataset")
+    p.add_argument(
+        "--batch-size", type=_positive_int, help="generation batch size (default eval.batch_size)"
+    )
     p.add_argument("--out", help="output folder (default <checkpoint>/eval)")
     _add_overrides(p)
     p.add_argument("--no-progress", action="store_true")
@@ -188,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--answer", help="gold answer for the teacher pass (default: the last number of --cot)"
     )
-    p.add_argument("--top-k", type=int, default=5, help="tokens shown per latent (default 5)")
+    p.add_argument(
+        "--top-k", type=_positive_int, default=5, help="tokens shown per latent (default 5)"
+    )
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     _add_overrides(p)
     return parser
@@ -228,7 +243,10 @@ def cmd_eval(args) -> int:
     from kava.api import LatentReasoner
     from kava.backbone import build_backbone, default_device
     from kava.config import load_config
+    from kava.data import check_spec
 
+    for name in args.datasets or []:
+        check_spec(name)  # a mistyped name fails before the model is loaded
     if args.checkpoint:
         reasoner = LatentReasoner.from_pretrained(args.checkpoint, overrides=args.overrides)
         local = Path(args.checkpoint).is_dir()
@@ -267,7 +285,10 @@ def _safe(text: str) -> str:
 
 def cmd_solve(args) -> int:
     from kava.api import LatentReasoner
+    from kava.data import DataError
 
+    if not args.question.strip():
+        raise DataError("the question is empty")
     reasoner = LatentReasoner.from_pretrained(args.checkpoint, overrides=args.overrides)
     result = reasoner.solve(args.question, batch_size=1)
     answer = result.answers[0]
@@ -390,9 +411,6 @@ def cmd_inspect(args) -> int:
         probe_latents,
     )
 
-    if args.top_k < 1:
-        print("kava inspect: error: --top-k must be >= 1", file=sys.stderr)
-        return 2
     backbone, cfg = load_checkpoint(args.checkpoint, args.overrides)
     backbone.to(default_device())
     result: dict = {"question": args.question, "method": cfg.method}
@@ -467,12 +485,25 @@ def main(argv: list[str] | None = None) -> int:
     from kava.checkpoint import CheckpointError
     from kava.config import ConfigError
     from kava.data import DataError
+    from kava.guard import NonFiniteError, TrainingInterrupted
 
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"kava {args.command}: error: {e}", file=sys.stderr)
+        print_error(args.command, e)
         return 2
+    except NonFiniteError as e:  # training diverged: a run-time failure, not a usage error
+        print_error(args.command, e)
+        return 1
+    except TrainingInterrupted as e:  # SIGTERM: checkpoint saved; 128 + SIGTERM
+        print(f"kava {args.command}: {e}", file=sys.stderr)
+        return 143
+
+
+def print_error(command: str, err: BaseException) -> None:
+    """kava's own errors as one line on stderr: ``kava CMD: error: MESSAGE``."""
+    message = " ".join(str(err).split()) if "\n" in str(err) else str(err)
+    print(f"kava {command}: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

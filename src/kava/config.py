@@ -8,6 +8,7 @@ dotted key (e.g. ``kv_loss.type``). ``--set key=value`` overrides use the same d
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -164,6 +165,15 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     log_every: int = 1
     save_every: int = 500  # optimizer steps between checkpoints (0 = only at the end)
+    # checkpoints/step-N folders kept (the newest; older ones are deleted after each
+    # successful save; best/ and final/ never). 0 = keep all.
+    save_total_limit: int = 3
+    # A non-finite loss term or gradient norm is never applied. stop: raise, naming the
+    # step and the terms (the newest checkpoint stays the last good one); skip: skip the
+    # optimizer step (counted in log.jsonl as skipped_steps) and stop after
+    # max_consecutive_skips skipped steps in a row.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_consecutive_skips: int = 5
     num_workers: int = 0
     # Pad every sequence segment to a multiple of this (length buckets): compiled layers
     # then see a few shapes. Results do not depend on it (padding invariance).
@@ -271,6 +281,10 @@ class KavaConfig:
 # --- (de)serialisation ---------------------------------------------------------------
 
 
+# a decimal number in scientific notation, e.g. 8e-4, 1E+3, -2.5e-3 (no nan/inf)
+_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
 def _key(f: dataclasses.Field) -> str:
     return f.metadata.get("key", f.name)
 
@@ -320,6 +334,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "8e-4" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -386,6 +402,12 @@ def validate(cfg: KavaConfig) -> None:
     _check(t.epochs > 0, "train.epochs", "must be > 0")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1")
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
+    _check(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _check(t.save_every >= 0, "train.save_every", "must be >= 0 (0 = only at the end)")
+    _check(t.save_total_limit >= 0, "train.save_total_limit", "must be >= 0 (0 = keep all)")
+    _check(t.num_workers >= 0, "train.num_workers", "must be >= 0")
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables validation)")
     _check(t.eval_limit is None or t.eval_limit >= 1, "train.eval_limit", "must be >= 1")
     _check(
@@ -406,6 +428,11 @@ def validate(cfg: KavaConfig) -> None:
         )
     _check(len(set(t.report_to)) == len(t.report_to), "train.report_to", "duplicate trackers")
     d = cfg.data
+    for name in ("max_question_tokens", "max_cot_tokens", "max_answer_tokens"):
+        _check(getattr(d, name) >= 1, f"data.{name}", "must be >= 1")
+    _check(d.limit is None or d.limit >= 1, "data.limit", "must be >= 1 or null (all)")
+    _check(d.synthetic_train_size >= 1, "data.synthetic_train_size", "must be >= 1")
+    _check(cfg.eval.limit is None or cfg.eval.limit >= 1, "eval.limit", "must be >= 1 or null")
     _check(d.synthetic_min_steps >= 1, "data.synthetic_min_steps", "must be >= 1")
     _check(
         d.synthetic_max_steps >= d.synthetic_min_steps,

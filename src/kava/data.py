@@ -66,6 +66,7 @@ HUB_FALLBACK: dict[str, tuple[str, str, str]] = {
     "gsm8k-train": ("openai/gsm8k", "main", "train"),
 }
 
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")  # 1,234 / -12,345.5
 _ANNOTATION = re.compile(r"<<.*?>>")  # GSM8k calculator annotation, e.g. "<<16-3-4=9>>"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")  # whitespace after end punctuation
 
@@ -104,8 +105,16 @@ def normalize_answer(value: Any, *, where: str, field: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise error
     text = repr(value) if isinstance(value, float) else str(value)
+    text = text.strip().replace("\u2212", "-").replace("$", "")  # Unicode minus, as generations
+    if "," in text:
+        if not _THOUSANDS.fullmatch(text):  # "1.234,5", "1,5", "12,34": which is meant?
+            raise DataError(
+                f"{where}: field '{field}': {value!r} is ambiguous: a comma is accepted only "
+                "as a thousands separator (1,234 or 1,234.5)"
+            )
+        text = text.replace(",", "")
     try:
-        number = Decimal(text.strip().replace(",", "").replace("$", ""))
+        number = Decimal(text)
     except InvalidOperation:
         raise error from None
     if not number.is_finite():
@@ -262,10 +271,26 @@ def _multiarith_record(rec: Any, where: str) -> Example:
 # --------------------------------------------------------------------------- files
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a data file; a directory or undecodable bytes are a
+    ``DataError`` naming the file (and the line of the first bad byte)."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file (.txt/.json/.jsonl)")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column})"
+        ) from None
+
+
 def _read_lines(path: Path) -> list[str]:
     """Split on "\n" only: ``str.splitlines`` would also split on U+2028, which occurs
     inside a real line of gsm8k_aug/train_no_aug.txt (line 4479)."""
-    return [line.removesuffix("\r") for line in path.read_text(encoding="utf-8").split("\n")]
+    return [line.removesuffix("\r") for line in read_text(path).split("\n")]
 
 
 def _nonempty(examples: list[Example], path: Path | str) -> list[Example]:
@@ -312,7 +337,7 @@ def _parse_json_lines(path: Path) -> list[tuple[str, Any]]:
 def _parse_json_list(path: Path) -> list[tuple[str, Any]]:
     """Return ``(where, record)`` for every element of a file holding one JSON list."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(
             f"{path}:{err.lineno}: invalid JSON ({err.msg}, column {err.colno})"
@@ -398,7 +423,7 @@ def read_file(
     if suffix == ".jsonl":
         records = _parse_json_lines(path)
     elif suffix == ".json":
-        is_list = path.read_text(encoding="utf-8").lstrip().startswith("[")
+        is_list = read_text(path).lstrip().startswith("[")
         records = _parse_json_list(path) if is_list else _parse_json_lines(path)
     else:
         raise DataError(f"{path}: unsupported file extension {suffix!r} (use .txt/.json/.jsonl)")
@@ -487,10 +512,37 @@ def load_examples(
     elif Path(spec).is_file():
         examples = read_file(spec, steps_format, metamath_types=metamath_types)
     else:
+        check_spec(spec)
         examples = load_hf_dataset(
             spec, split=split, steps_format=steps_format, metamath_types=metamath_types
         )
     return examples if limit is None else examples[:limit]
+
+
+DATA_SUFFIXES = (".txt", ".json", ".jsonl")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def known_names() -> list[str]:
+    return ["synthetic", *NAMED, *HELD_OUT]
+
+
+def check_spec(spec: str) -> None:
+    """Refuse at once (no Hub round trip) a data spec that can only fail: a missing
+    file, a directory, or a bare name that is none of kava's dataset names."""
+    if spec == "synthetic" or spec in NAMED or spec in HELD_OUT:
+        return
+    path = Path(spec)
+    names = ", ".join(known_names())
+    hint = f"known dataset names: {names}; Hub dataset ids look like owner/name"
+    if path.is_dir():
+        raise DataError(f"{spec}: is a directory, not a data file (.txt/.json/.jsonl)")
+    if path.is_file():
+        return
+    if path.suffix.lower() in DATA_SUFFIXES or spec.startswith((".", "/", "~")):
+        raise DataError(f"{spec}: file not found ({hint})")
+    if not _HUB_ID.fullmatch(spec):
+        raise DataError(f"dataset {spec!r}: not a dataset name, a file or a Hub id ({hint})")
 
 
 def question_key(question: str) -> str:

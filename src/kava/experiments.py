@@ -448,8 +448,11 @@ def _fresh(run_dir: Path) -> None:
         "checkpoints",
         "final",
         "final.tmp",
+        "final.old",
         "best",
         "best.tmp",
+        "best.old",
+        "resume_history.jsonl",
         "eval",
         DONE,
     ):

@@ -36,19 +36,38 @@ from kava.backbone import Backbone, build_backbone
 from kava.batching import CoconutBatch, Encoded, encode, encode_steps
 from kava.card import CARD, model_card
 from kava.checkpoint import (
-    TRAINER_STATE,
+    TRAINABLE,
+    apply_trainable,
+    clean_staging,
+    commit_checkpoint,
     latest_checkpoint,
     load_trainable,
+    prune_checkpoints,
+    resume_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    staging_path,
+    start_staging,
+    write_checkpoint_files,
+    write_rank_state,
 )
 from kava.coconut import coconut_tokens
 from kava.config import TRACKERS, ConfigError, KavaConfig, save_config
 from kava.curricula import Curriculum
-from kava.data import DataError, Example, load_examples
+from kava.data import DataError, Example, check_spec, load_examples
+from kava.guard import (
+    NonFiniteError,
+    StopRequest,
+    TrainingInterrupted,
+    describe,
+    flagged_names,
+    json_safe,
+    nonfinite_flags,
+)
 from kava.manifest import MANIFEST, device_info, finished, start_manifest, write_manifest
 from kava.model import KavaModel
+from kava.rundir import check_fresh, check_resume, record_resume
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +116,32 @@ def encode_examples(
             f"the length filter removed all {len(examples)} examples ({skipped}); raise data.max_*_tokens"
         )
     return EncodedData(items, len(examples), skipped)
+
+
+def check_cot(examples: Sequence[Example], cfg: KavaConfig) -> int:
+    """A method that trains on a written CoT (the teacher of KaVa/CODI/PCCoT, CoT, iCoT,
+    Coconut) needs examples that have one: data without any CoT (e.g. an eval-only set
+    such as svamp) is refused, since the CoT losses would supervise nothing; some
+    examples without one are counted and warned about. Returns that count."""
+    if cfg.method_spec.training_cot == "none":
+        return 0
+    missing = sum(1 for ex in examples if not ex.steps)
+    if missing == len(examples):
+        raise DataError(
+            f"data.train={cfg.data.train}: none of the {len(examples)} examples has a chain "
+            f"of thought, and method {cfg.method} trains on one; use a training set with "
+            "CoT (e.g. gsm8k-train-eq, synthetic) or method=nocot"
+        )
+    if missing:
+        log.warning(
+            "data.train=%s: %d of %d examples have no chain of thought (method %s trains "
+            "on one; those examples teach only the answer)",
+            cfg.data.train,
+            missing,
+            len(examples),
+            cfg.method,
+        )
+    return missing
 
 
 def load_train_examples(cfg: KavaConfig) -> list[Example]:
@@ -197,6 +242,39 @@ def truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(keep))
 
 
+def write_log(log_file, rec: dict) -> None:
+    """One ``log.jsonl`` line: valid JSON (non-finite floats become null, named in
+    ``nonfinite``), flushed at once."""
+    log_file.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
+    log_file.flush()
+
+
+def step_decision(
+    accelerator, step_bad: torch.Tensor, grad_norm, names: list[str], stop: bool
+) -> tuple[list[str], bool]:
+    """The loss terms (and ``grad_norm``) that were non-finite on ANY process in this
+    step, and whether any process got SIGTERM: the flags are summed over processes (one
+    collective), so every rank takes the same decisions."""
+    norm = torch.as_tensor(grad_norm, device=step_bad.device).float().reshape(1)
+    stop_flag = torch.tensor([float(stop)], device=step_bad.device)
+    flags = torch.cat([step_bad.float(), nonfinite_flags(norm).float(), stop_flag])
+    flags = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+    return flagged_names(flags[:-1], names), flags[-1]
+
+
+def nonfinite_message(step: int, parts: list[str], run_dir: Path, cfg: KavaConfig) -> str:
+    newest = latest_checkpoint(run_dir)
+    kept = (
+        f"the newest checkpoint {newest} holds the last good weights"
+        if newest
+        else "no checkpoint was saved yet"
+    )
+    return (
+        f"{describe(step, parts)}; the update was not applied and {kept}. Lower train.lr "
+        f"(now {cfg.train.lr:g}) or set train.on_nonfinite=skip"
+    )
+
+
 def rng_file_name(process_index: int) -> str:
     return f"rng_state_{process_index}.pt"
 
@@ -269,22 +347,32 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             accum * t.micro_batch_size * world,
         )
     set_seed(t.seed, device_specific=True)  # each process its own dropout stream
+    # before anything is loaded or written: a refused run leaves the folder untouched
+    changes = check_resume(run_dir, cfg) if resume else check_fresh(run_dir)
+    check_spec(cfg.data.train)  # a mistyped dataset fails now, not after a Hub round trip
+    if t.eval_every:
+        check_spec(t.eval_dataset)
 
     backbone = build_backbone(cfg)
     apply_speed_options(backbone, cfg, accelerator.device)
     model = KavaModel(backbone, cfg)
-    data = encode_examples(load_train_examples(cfg), backbone, cfg)
+    examples = load_train_examples(cfg)
+    without_cot = check_cot(examples, cfg)
+    data = encode_examples(examples, backbone, cfg)
     val_examples = load_validation_examples(cfg)
     val_cfg = validation_config(cfg)
     n_skipped = sum(data.skipped.values())
     manifest: dict = {}
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        stats = {"examples": data.total, "kept": len(data.items), "skipped": data.skipped}
-        if val_examples is not None:
-            stats["validation"] = {"dataset": t.eval_dataset, "n": len(val_examples)}
-        (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+        if not resume:  # a resumed run keeps its original config.yaml and data stats
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+            stats = {"examples": data.total, "kept": len(data.items), "skipped": data.skipped}
+            if without_cot:
+                stats["without_cot"] = without_cot
+            if val_examples is not None:
+                stats["validation"] = {"dataset": t.eval_dataset, "n": len(val_examples)}
+            (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
         msg = f"training on {len(data.items)} of {data.total} examples"
         if n_skipped:
             msg += f"; skipped {n_skipped} longer than the limits: {data.skipped}"
@@ -333,36 +421,31 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
 
     step = 0
     best: dict | None = None  # {"step", "accuracy"} of best/ so far (train.eval_every)
-    if not resume and any((run_dir / n).exists() for n in ("log.jsonl", "checkpoints", "final")):
-        raise FileExistsError(
-            f"{run_dir} already holds a training run; continue it with --resume, "
-            "or set another train.output_dir"
-        )
+    skipped_steps = consecutive_skips = 0  # train.on_nonfinite: skip
     if t.init_from is not None and not resume:
         load_trainable(backbone, t.init_from)  # e.g. Coconut from a CoT run's final/
         accelerator.print(f"initialised the trainable tensors from {t.init_from}")
     if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(
-                f"--resume: no checkpoints/step-N with a trainer state in {run_dir}"
-            )
-        load_trainable(backbone, ckpt)
-        state = torch.load(ckpt / TRAINER_STATE, weights_only=False)
+        if accelerator.is_main_process:
+            clean_staging(run_dir)  # leftovers of a save interrupted by a crash
+        accelerator.wait_for_everyone()
+        resumed = resume_state(
+            run_dir, rng_file_name(accelerator.process_index), accelerator.num_processes
+        )
+        ckpt = resumed.path
+        apply_trainable(backbone, resumed.trainable, ckpt / TRAINABLE)
+        state = resumed.trainer
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        rng_file = ckpt / rng_file_name(accelerator.process_index)
-        if not rng_file.is_file():
-            raise FileNotFoundError(
-                f"{rng_file} missing: resume with the number of processes the run was saved with"
-            )
-        ranks_rng = torch.load(rng_file, weights_only=False)
-        set_rng_state(ranks_rng["rng"])
-        accelerator.unwrap_model(model).generator.set_state(ranks_rng["eviction_rng"])
+        set_rng_state(resumed.rank["rng"])
+        accelerator.unwrap_model(model).generator.set_state(resumed.rank["eviction_rng"])
         step = state["step"]
         best = state.get("best")
+        skipped_steps = state.get("skipped_steps", 0)
+        consecutive_skips = state.get("consecutive_skips", 0)
         if accelerator.is_main_process:
             truncate_log(run_dir / "log.jsonl", step)
+            record_resume(run_dir, step, changes)
         accelerator.print(f"resumed from {ckpt} at step {step}")
 
     if accelerator.is_main_process:
@@ -386,8 +469,13 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         return {"extra_json": {MANIFEST: manifest}, "extra_text": {CARD: card}}
 
     def checkpoint(path: Path, with_state: bool, **extra) -> None:
+        """Save into ``path.tmp`` from every process, then commit (checksums, fsync,
+        rename) from the main one; older step-N folders beyond train.save_total_limit go.
+        ``extra``: ``extra_json`` / ``extra_text`` files (``hub_files``)."""
         accelerator.wait_for_everyone()
+        tmp = staging_path(path)
         if accelerator.is_main_process:
+            start_staging(path)
             state = None
             if with_state:
                 state = {
@@ -395,15 +483,22 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "best": best,
+                    "skipped_steps": skipped_steps,
+                    "consecutive_skips": consecutive_skips,
                 }
-            save_checkpoint(path, backbone, cfg, state, **extra)
+            write_checkpoint_files(tmp, backbone, cfg, state, **extra)
+        accelerator.wait_for_everyone()
         if with_state:  # every process has its own RNG stream (dropout); each saves its own
-            accelerator.wait_for_everyone()
             ranks_rng = {
                 "rng": rng_state(),
                 "eviction_rng": accelerator.unwrap_model(model).generator.get_state(),
             }
-            torch.save(ranks_rng, path / rng_file_name(accelerator.process_index))
+            write_rank_state(tmp, rng_file_name(accelerator.process_index), ranks_rng)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            commit_checkpoint(tmp, path)
+            if path.parent.name == "checkpoints":
+                prune_checkpoints(run_dir, t.save_total_limit)
         accelerator.wait_for_everyone()
 
     def validate() -> dict[str, float]:
@@ -435,94 +530,142 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         accelerator.wait_for_everyone()
         return fields
 
-    model.train()
-    sums: dict[str, torch.Tensor] = {}
-    n_micro, tokens, exhausted, t0 = 0, 0, 0, time.perf_counter()
-    while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        dl = loader(epoch)
-        skip = done_in_epoch * accum
-        if skip:
-            dl = accelerator.skip_first_batches(dl, skip)
-        for i, items in enumerate(dl, start=skip):
-            if i >= steps_per_epoch * accum:
-                break  # leftover micro-batches that do not fill an optimizer step
-            built = curriculum.batch(items, step, i % accum)
-            batch = built.batch.to(accelerator.device)
-            exhausted += built.cot_exhausted
-            sync = (i + 1) % accum == 0
-            ctx = accelerator.no_sync(model) if not sync else torch.enable_grad()
-            with ctx:
-                out = model(batch)
-                accelerator.backward(out.total / accum)
-            for k, v in out.metrics.items():
-                sums[k] = sums[k] + v if k in sums else v
-            del out  # teacher capture, latent KV, compressed KV: free before the next forward
-            n_micro += 1
-            tokens += batch_tokens(batch, cfg)
-            if not sync:
-                continue
-            grad_norm = None
-            if t.grad_clip > 0:
+    stop = StopRequest().__enter__()  # SIGTERM: checkpoint at the next step boundary
+    try:
+        model.train()
+        sums: dict[str, torch.Tensor] = {}  # loss terms of the applied steps since the last line
+        step_sums: dict[str, torch.Tensor] = {}  # loss terms of the step being accumulated
+        step_bad: torch.Tensor | None = None  # which loss terms were non-finite in this step
+        window_nonfinite: list[str] = []  # terms non-finite in steps skipped since the last line
+        n_micro, step_micro, tokens, exhausted, t0 = 0, 0, 0, 0, time.perf_counter()
+        while step < total_steps:
+            epoch, done_in_epoch = divmod(step, steps_per_epoch)
+            dl = loader(epoch)
+            skip = done_in_epoch * accum
+            if skip:
+                dl = accelerator.skip_first_batches(dl, skip)
+            for i, items in enumerate(dl, start=skip):
+                if i >= steps_per_epoch * accum:
+                    break  # leftover micro-batches that do not fill an optimizer step
+                built = curriculum.batch(items, step, i % accum)
+                batch = built.batch.to(accelerator.device)
+                exhausted += built.cot_exhausted
+                sync = (i + 1) % accum == 0
+                ctx = accelerator.no_sync(model) if not sync else torch.enable_grad()
+                with ctx:
+                    out = model(batch)
+                    accelerator.backward(out.total / accum)
+                for k, v in out.metrics.items():
+                    step_sums[k] = step_sums[k] + v if k in step_sums else v
+                bad = nonfinite_flags(torch.stack(list(out.metrics.values())))
+                step_bad = bad if step_bad is None else step_bad | bad
+                del out  # teacher capture, latent KV, compressed KV: free before the next forward
+                step_micro += 1
+                tokens += batch_tokens(batch, cfg)
+                if not sync:
+                    continue
+                # the norm is computed without clipping too (max_norm=inf scales by exactly 1)
                 grad_norm = accelerator.clip_grad_norm_(
-                    backbone.trainable_parameters(), t.grad_clip
+                    backbone.trainable_parameters(), t.grad_clip if t.grad_clip > 0 else math.inf
                 )
-            lr = scheduler.get_last_lr()[0]  # the lr this step used
-            if curriculum.resets_optimizer and curriculum.switches_at(step):
-                reset_optimizer_state(optimizer)  # a new stage / removal count starts here
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            validating = val_examples is not None and (
-                step % t.eval_every == 0 or step == total_steps
-            )
-            val_fields = validate() if validating else {}
-            if step % t.log_every == 0 or step == total_steps or validating:
-                elapsed = time.perf_counter() - t0
-                # mean over the micro-batches since the last log line, and over processes
-                means = accelerator.reduce(
-                    torch.stack(list(sums.values())) / n_micro, reduction="mean"
+                lr = scheduler.get_last_lr()[0]  # the lr this step used
+                names = [*step_sums, "grad_norm"]
+                bad_parts, stopping = step_decision(
+                    accelerator, step_bad, grad_norm, names, stop.requested
                 )
-                rec = dict(zip(sums, means.tolist()))
-                rec.update(
-                    step=step,
-                    epoch=round(step / steps_per_epoch, 4),
-                    lr=lr,
-                    tokens_per_s=tokens * world / max(elapsed, 1e-9),
-                    grad_norm=float(grad_norm) if grad_norm is not None else None,
-                    **val_fields,
-                )
-                if curriculum.kind != "none":
-                    value = curriculum.value(step - 1)  # of the step just taken
-                    rec["curriculum"] = "all" if math.isinf(value) else int(value)
-                    counted = torch.tensor(exhausted, device=accelerator.device)
-                    rec["cot_exhausted"] = int(accelerator.reduce(counted, reduction="sum"))
-                if accelerator.is_main_process:
-                    log_file.write(json.dumps(rec) + "\n")
-                    log_file.flush()
-                    accelerator.log(tracked_values(rec), step=step)
-                bar.set_postfix(
-                    {
-                        k: f"{rec[k]:.3g}"
-                        for k in (
-                            "loss",
-                            "student_ce",
-                            "teacher_ce",
-                            "codi_loss",
-                            "kv_loss",
-                            "val_accuracy",
+                if curriculum.resets_optimizer and curriculum.switches_at(step):
+                    reset_optimizer_state(optimizer)  # a new stage / removal count starts here
+                if bad_parts:
+                    if accelerator.is_main_process:
+                        write_log(log_file, {"step": step + 1, "nonfinite": bad_parts, "lr": lr})
+                    if t.on_nonfinite == "stop":
+                        raise NonFiniteError(nonfinite_message(step + 1, bad_parts, run_dir, cfg))
+                    skipped_steps += 1
+                    consecutive_skips += 1
+                    window_nonfinite += [p for p in bad_parts if p not in window_nonfinite]
+                    if consecutive_skips >= t.max_consecutive_skips:
+                        raise NonFiniteError(
+                            nonfinite_message(step + 1, bad_parts, run_dir, cfg)
+                            + f" ({consecutive_skips} steps in a row skipped; "
+                            "train.max_consecutive_skips)"
                         )
-                        if k in rec
-                    }
+                    accelerator.print(f"{describe(step + 1, bad_parts)}: optimizer step skipped")
+                else:
+                    consecutive_skips = 0
+                    optimizer.step()
+                    for k, v in step_sums.items():
+                        sums[k] = sums[k] + v if k in sums else v
+                    n_micro += step_micro
+                scheduler.step()  # the schedule follows the step (and the data position)
+                optimizer.zero_grad(set_to_none=True)
+                step_sums, step_bad, step_micro = {}, None, 0
+                step += 1
+                validating = val_examples is not None and (
+                    step % t.eval_every == 0 or step == total_steps
                 )
-                sums, n_micro, tokens, exhausted, t0 = {}, 0, 0, 0, time.perf_counter()
-            bar.update(1)
-            if t.save_every and step % t.save_every == 0 and step < total_steps:
-                checkpoint(run_dir / "checkpoints" / f"step-{step}", with_state=True)
-            if step >= total_steps:
-                break
-    bar.close()
+                val_fields = validate() if validating else {}
+                if step % t.log_every == 0 or step == total_steps or validating:
+                    elapsed = time.perf_counter() - t0
+                    # mean over the micro-batches of the applied steps since the last log
+                    # line, and over processes (null when every step since was skipped)
+                    rec: dict = dict.fromkeys(names[:-1])
+                    if n_micro:
+                        means = accelerator.reduce(
+                            torch.stack(list(sums.values())) / n_micro, reduction="mean"
+                        )
+                        rec.update(zip(sums, means.tolist()))
+                    rec.update(
+                        step=step,
+                        epoch=round(step / steps_per_epoch, 4),
+                        lr=lr,
+                        tokens_per_s=tokens * world / max(elapsed, 1e-9),
+                        grad_norm=float(grad_norm),
+                        skipped_steps=skipped_steps,
+                        **val_fields,
+                    )
+                    if window_nonfinite:
+                        rec["nonfinite"] = window_nonfinite
+                    if curriculum.kind != "none":
+                        value = curriculum.value(step - 1)  # of the step just taken
+                        rec["curriculum"] = "all" if math.isinf(value) else int(value)
+                        counted = torch.tensor(exhausted, device=accelerator.device)
+                        rec["cot_exhausted"] = int(accelerator.reduce(counted, reduction="sum"))
+                    rec = json_safe(rec)
+                    if accelerator.is_main_process:
+                        write_log(log_file, rec)
+                        accelerator.log(tracked_values(rec), step=step)
+                    bar.set_postfix(
+                        {
+                            k: f"{rec[k]:.3g}"
+                            for k in (
+                                "loss",
+                                "student_ce",
+                                "teacher_ce",
+                                "codi_loss",
+                                "kv_loss",
+                                "val_accuracy",
+                            )
+                            if rec.get(k) is not None
+                        }
+                    )
+                    sums, n_micro, tokens, exhausted, t0 = {}, 0, 0, 0, time.perf_counter()
+                    window_nonfinite = []
+                bar.update(1)
+                saving = t.save_every and step % t.save_every == 0
+                if (saving or stopping) and step < total_steps:
+                    checkpoint(run_dir / "checkpoints" / f"step-{step}", with_state=True)
+                if stopping and step < total_steps:
+                    raise TrainingInterrupted(
+                        f"SIGTERM: saved {run_dir / 'checkpoints' / f'step-{step}'} at step "
+                        f"{step} of {total_steps}; continue with --resume"
+                    )
+                if step >= total_steps:
+                    break
+    finally:  # also when a NonFiniteError stops the run: the log lines so far are kept
+        stop.__exit__()
+        bar.close()
+        if accelerator.is_main_process:
+            log_file.close()
     final = run_dir / "final"
     if accelerator.is_main_process:
         manifest = finished(manifest)
@@ -531,6 +674,5 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     if accelerator.is_main_process:
         for tracker in accelerator.trackers:
             tracker.finish()
-        log_file.close()
     accelerator.print(f"saved {final}")
     return final
