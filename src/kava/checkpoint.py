@@ -224,9 +224,17 @@ def save_checkpoint(
     return commit_checkpoint(tmp, path)
 
 
-def verify_checkpoint(path: str | Path, required: tuple[str, ...] = ()) -> list[str]:
+def _resume_only(name: str) -> bool:
+    """Files only ``--resume`` reads (``kava push`` leaves them out)."""
+    return name == TRAINER_STATE or (name.startswith("rng_state_") and name.endswith(".pt"))
+
+
+def verify_checkpoint(
+    path: str | Path, required: tuple[str, ...] = (), for_resume: bool = True
+) -> list[str]:
     """What is wrong with a checkpoint folder: missing files, size or sha256 mismatches
     against ``checksums.json``, an unreadable safetensors header. Empty = sound.
+    ``for_resume=False`` (loading the weights): absent resume-state files are fine.
 
     A folder without ``checksums.json`` (written by an older kava) is checked for its
     ``required`` files and safetensors header only."""
@@ -241,7 +249,8 @@ def verify_checkpoint(path: str | Path, required: tuple[str, ...] = ()) -> list[
         for name, want in sorted(sums.items()):
             file = path / name
             if not file.is_file():
-                problems.append(f"{file}: missing")
+                if for_resume or not _resume_only(name):
+                    problems.append(f"{file}: missing")
             elif file.stat().st_size != want["bytes"]:
                 problems.append(
                     f"{file}: truncated or resized ({file.stat().st_size} bytes, "
@@ -318,7 +327,7 @@ def load_checkpoint(
     recover(path)
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{path}/config.yaml not found: not a kava checkpoint")
-    problems = verify_checkpoint(path, (TRAINABLE,))
+    problems = verify_checkpoint(path, (TRAINABLE,), for_resume=False)
     if problems:
         raise CheckpointError("; ".join(problems))
     cfg = load_config(path / "config.yaml", overrides)
