@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from kava.backbone import DTYPES, Backbone, default_device
-from kava.checkpoint import TRAINABLE, CheckpointError, load_checkpoint
+from kava.checkpoint import TRAINABLE, CheckpointError, load_checkpoint, recover
 from kava.config import KavaConfig
 from kava.data import Example, normalize_answer
 from kava.evaluate import Prediction, load_eval_examples, make_generator, predict
@@ -146,6 +146,8 @@ class LatentReasoner:
         overrides, as ``--set`` (e.g. ``eval.batch_size=16``).
         """
         local = Path(path_or_repo_id).expanduser()
+        if local.with_name(local.name + ".old").is_dir():
+            recover(local)  # a final/ caught between the two renames of its replacement
         if local.is_dir():
             folder = resolve_checkpoint_dir(local)
         else:
