@@ -28,6 +28,7 @@ Files that ``kava eval`` may add or rewrite later (``UNCHECKED``) are not checks
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -49,6 +50,8 @@ from kava.guard import first_nonfinite
 
 TRAINABLE = "trainable.safetensors"
 TRAINER_STATE = "trainer_state.pt"
+RANK_STATE_GLOB = "rng_state_*.pt"  # one per process: its RNG streams (rank_state_name)
+RESUME_STATE = (TRAINER_STATE, RANK_STATE_GLOB)  # what only --resume reads (kava push skips)
 CHECKSUMS = "checksums.json"
 # added or rewritten inside final/ and best/ by `kava eval` after the save
 UNCHECKED = frozenset({"README.md", "eval_results.json", CHECKSUMS})
@@ -224,9 +227,17 @@ def save_checkpoint(
     return commit_checkpoint(tmp, path)
 
 
+def rank_state_name(process_index: int) -> str:
+    return RANK_STATE_GLOB.replace("*", str(process_index))
+
+
+def is_rank_state(name: str) -> bool:
+    return fnmatch.fnmatchcase(name, RANK_STATE_GLOB)
+
+
 def _resume_only(name: str) -> bool:
-    """Files only ``--resume`` reads (``kava push`` leaves them out)."""
-    return name == TRAINER_STATE or (name.startswith("rng_state_") and name.endswith(".pt"))
+    """Files only ``--resume`` reads (``RESUME_STATE``; ``kava push`` leaves them out)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in RESUME_STATE)
 
 
 def verify_checkpoint(
@@ -404,8 +415,8 @@ def rank_files_of(ckpt: Path) -> list[str]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         names = None  # reported by verify_checkpoint
     if names is None:
-        names = [p.name for p in ckpt.glob("rng_state_*.pt")]
-    return sorted(n for n in names if n.startswith("rng_state_") and n.endswith(".pt"))
+        names = [p.name for p in ckpt.glob(RANK_STATE_GLOB)]
+    return sorted(n for n in names if is_rank_state(n))
 
 
 @dataclass

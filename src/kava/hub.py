@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from kava.card import write_card
-from kava.checkpoint import TRAINABLE, TRAINER_STATE, CheckpointError
+from kava.checkpoint import RESUME_STATE, TRAINABLE, CheckpointError
 
-EXCLUDED = (TRAINER_STATE, "rng_state_*.pt", "*.tmp", "*.tmp/*", "push_plan.json")
+EXCLUDED = (*RESUME_STATE, "*.tmp", "*.tmp/*", "push_plan.json")
 
 
 def push_plan(folder: str | Path, repo_id: str, private: bool = False) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from kava.checkpoint import (
     latest_checkpoint,
     load_trainable,
     prune_checkpoints,
+    rank_state_name,
     resume_state,
     rng_state,
     save_checkpoint,
@@ -275,10 +276,6 @@ def nonfinite_message(step: int, parts: list[str], run_dir: Path, cfg: KavaConfi
     )
 
 
-def rng_file_name(process_index: int) -> str:
-    return f"rng_state_{process_index}.pt"
-
-
 def trackers(cfg: KavaConfig, run_dir: Path, available: set[str] | None = None) -> list:
     """What ``Accelerator(log_with=...)`` gets for ``train.report_to``: accelerate's tracker
     names, TensorBoard as a tracker writing to ``run_dir/tb``. A tracker whose package is
@@ -430,7 +427,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             clean_staging(run_dir)  # leftovers of a save interrupted by a crash
         accelerator.wait_for_everyone()
         resumed = resume_state(
-            run_dir, rng_file_name(accelerator.process_index), accelerator.num_processes
+            run_dir, rank_state_name(accelerator.process_index), accelerator.num_processes
         )
         ckpt = resumed.path
         apply_trainable(backbone, resumed.trainable, ckpt / TRAINABLE)
@@ -493,7 +490,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 "rng": rng_state(),
                 "eviction_rng": accelerator.unwrap_model(model).generator.get_state(),
             }
-            write_rank_state(tmp, rng_file_name(accelerator.process_index), ranks_rng)
+            write_rank_state(tmp, rank_state_name(accelerator.process_index), ranks_rng)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             commit_checkpoint(tmp, path)
