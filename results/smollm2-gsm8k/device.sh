@@ -11,7 +11,7 @@
 set -uo pipefail
 EXP=/tmp/exp
 SITE=/tmp/site
-SPECS="eq controls nl"
+SPECS=${SPECS:-"eq controls nl"}  # e.g. SPECS=eq: one table first
 REPO=/tmp/repo  # src, configs, specs and data copied here: later calls replace the tree
 export PYTHONPATH=$REPO/src:$SITE KAVA_DATA_DIR=$REPO/data PYTHONUNBUFFERED=1
 # 7 processes share the GPU: segments that grow avoid fragmenting its memory
@@ -50,8 +50,11 @@ start)
   for ((i = 0; i < K; i++)); do
     setsid bash -c "cd $REPO; for s in $SPECS; do OMP_NUM_THREADS=2 python3 -m kava.cli experiment results/smollm2-gsm8k/\$s.yaml --shard $i/$K --output-dir $EXP/\$s --no-progress; done" >"$EXP/logs/w$i.log" 2>&1 </dev/null &
   done
-  # reference rows: the untrained model prompted for CoT and for No-CoT
-  setsid bash -c "cd $REPO; for m in cot nocot; do OMP_NUM_THREADS=2 python3 -m kava.cli eval --config configs/smollm2-gsm8k.yaml --set method=\$m --datasets gsm8k-aug-valid,gsm8k,svamp,gsm-hard,multiarith --out $EXP/untrained/\$m --no-progress; done" >"$EXP/logs/wu.log" 2>&1 </dev/null &
+  # GPU use every 30 s, to size K (processes sharing the GPU) next time
+  setsid bash -c "while sleep 30; do nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader; done" >"$EXP/logs/gpu-trace.csv" 2>&1 </dev/null &
+  # reference rows: the untrained model prompted for CoT and for No-CoT (unless committed)
+  [ -d results/smollm2-gsm8k/untrained ] && cp -r results/smollm2-gsm8k/untrained "$EXP/"
+  setsid bash -c "cd $REPO; for m in cot nocot; do [ -f $EXP/untrained/\$m/gsm8k/metrics.json ] && continue; OMP_NUM_THREADS=2 python3 -m kava.cli eval --config configs/smollm2-gsm8k.yaml --set method=\$m --datasets gsm8k-aug-valid,gsm8k,svamp,gsm-hard,multiarith --out $EXP/untrained/\$m --no-progress; done" >"$EXP/logs/wu.log" 2>&1 </dev/null &
   sleep "$3"; pack ;;
 wait)
   sleep "$2"; pack ;;
