@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Training-speed A/Bs of the speed issue on the lent GPU, "before" and "after" in one device
+# call (absolute times drift between machines). From the repository root on the device:
+#   git archive d21e6e7 src benchmarks | tar -x -C build/before   # here, before the call
+#   TAG=c5 bash benchmarks/device_speed.sh PART                   # device call, carry build/before
+# PART: llama1b (before/after, Llama-3.2-1B shape), smollm2 (before/after, SmolLM2-135M shape),
+# ab (after with HF repeat_kv attention, and --nl), more (Qwen2.5-0.5B, Llama-3.2-3B after).
+# Every run writes $OUT/$TAG-<name>.json as it goes (a cut run still returns what it measured)
+# and its log; a per-run time limit keeps the call inside the device's 10 minutes.
+set -uo pipefail
+BEFORE=${BEFORE:-build/before}
+TAG=${TAG:-c5}
+COMMON=(--device cuda --weights bf16 --peak-tflops 790 --skip-inference --skip-precheck --phase-steps 1)
+bench() { # name tree seconds args...
+  local name=$1 tree=$2 limit=$3
+  shift 3
+  echo "== $TAG-$name: $tree $*"
+  PYTHONPATH=$tree/src timeout "$limit" python3 "$tree/benchmarks/bench_kava.py" "$@" "${COMMON[@]}" \
+    --out "$OUT/$TAG-$name.json" >"$OUT/$TAG-$name.log" 2>&1
+  echo "rc $? after $SECONDS s"
+  # which code ran, next to the numbers
+  [ -f "$OUT/$TAG-$name.json" ] && python3 - "$OUT/$TAG-$name.json" "$tree" <<'EOF'
+import json, sys
+path, tree = sys.argv[1:]
+d = json.load(open(path))
+d["code"] = "before (d21e6e7, git archive)" if tree != "." else "after (working tree)"
+json.dump(d, open(path, "w"), indent=2)
+t = d.get("train", {})
+print({k: t.get(k) for k in ("examples_per_s", "step_time_s", "peak_mem_gib", "mfu", "step_times_s")})
+EOF
+}
+nvidia-smi -L
+case "$1" in
+llama1b)
+  bench before-llama1b "$BEFORE" 90 --arch llama-1b --micro-batch 128 --steps 5 --warmup 2
+  bench after-llama1b . 300 --arch llama-1b --micro-batch 128 --steps 8 --warmup 2 ;;
+smollm2)
+  bench before-smollm2-135m "$BEFORE" 60 --arch smollm2-135m --micro-batch 128 --steps 5 --warmup 2
+  bench after-smollm2-135m . 200 --arch smollm2-135m --micro-batch 128 --steps 8 --warmup 2 ;;
+ab)
+  bench after-llama1b-repeatkv . 240 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2 --attention repeat_kv
+  bench after-llama1b-nl . 240 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2 --nl ;;
+more)
+  bench after-qwen-0.5b . 240 --arch qwen-0.5b --micro-batch 128 --steps 6 --warmup 2
+  bench after-llama-3b . 280 --arch llama-3b --micro-batch 64 --steps 4 --warmup 2 ;;
+*) echo "usage: TAG=c5 bash benchmarks/device_speed.sh llama1b|smollm2|ab|more" >&2; exit 2 ;;
+esac
+ls -la "$OUT"
