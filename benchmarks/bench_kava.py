@@ -858,10 +858,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--bucket", type=int, default=8, help="train.bucket (length buckets)")
     g.add_argument(
         "--attention",
+        choices=["repeat_kv", "grouped"],
+        default="repeat_kv",
+        help="train.attention: grouped-query attention in training with K/V copied per "
+        "query head (repeat_kv, kava's default) or without copies (grouped: less memory)",
+    )
+    g.add_argument(
+        "--generation-attention",
         choices=["grouped", "repeat_kv"],
         default="grouped",
-        help="grouped-query attention as kava.layers runs it (grouped: no K/V copies) or "
-        "through HF's repeat_kv (the code before it), for an A/B comparison",
+        help="grouped-query attention of generation (kava's: grouped, no K/V copies; "
+        "repeat_kv: with copies, for an A/B of decoding)",
     )
     g.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS_H100, help="MFU denominator")
     g = p.add_argument_group("inference")
@@ -959,6 +966,7 @@ def kava_config(args) -> KavaConfig:
         f"train.compile={args.compile}",
         f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
         f"train.bucket={args.bucket}",
+        f"train.attention={args.attention}",
         "train.mixed_precision=" + ("bf16" if args.amp else "'no'"),  # quoted: YAML's no = false
         *args.set,
     ]
@@ -980,20 +988,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
-def repeat_kv_attention(q, keys, values, mask, scale):
-    """kava.layers.grouped_attention as it was: K/V copied per query head (HF's repeat_kv)."""
-    from transformers.models.llama.modeling_llama import repeat_kv
-
-    g = q.shape[1] // keys.shape[1]
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, repeat_kv(keys, g), repeat_kv(values, g), attn_mask=mask, scale=scale
-    )
-
-
 def run(args: argparse.Namespace, cli: list[str]) -> dict[str, Any]:
     device = torch.device(args.device)
-    if args.attention == "repeat_kv":  # before anything is compiled
-        layers.grouped_attention = repeat_kv_attention
+    if args.generation_attention == "repeat_kv":  # before anything is compiled
+        layers.grouped_attention = layers.repeated_kv_attention
     cfg = kava_config(args)
     arch = ARCHS[args.arch]
     env = environment(device)
@@ -1063,6 +1061,7 @@ def run(args: argparse.Namespace, cli: list[str]) -> dict[str, Any]:
             activation_checkpointing=args.activation_checkpointing,
             bucket=args.bucket,
             attention=args.attention,
+            generation_attention=args.generation_attention,
             overrides=args.set,
         ),
     )

@@ -189,6 +189,26 @@ def test_activation_checkpointing_keeps_losses_gradients_and_kv_graph(make_backb
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_attention_with_kv_copies_matches_grouped(make_backbone, arch):
+    """train.attention repeat_kv (K/V copied per query head) and grouped give the same
+    losses and gradients, and kava.train switches the backbone as configured."""
+    from kava.train import apply_speed_options
+
+    # float64: the two sum in another order (fp32 gradients ~2e-5 of their scale apart)
+    grouped = make_backbone(arch, init_range=0.3).double()
+    copies = make_backbone(arch, init_range=0.3).double()
+    c = cfg()
+    assert c.train.attention == "repeat_kv"
+    apply_speed_options(copies, c, torch.device("cpu"))
+    apply_speed_options(grouped, cfg(**{"train.attention": "grouped"}), torch.device("cpu"))
+    assert copies._copy_kv and not grouped._copy_kv
+    attn = grouped.layers[0].self_attn  # the tiny models are grouped-query (G > 1)
+    assert attn.q_proj.out_features > attn.k_proj.out_features
+    b = batch(grouped)
+    assert_same(loss_and_grads(copies, c, b), loss_and_grads(grouped, c, b))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_bucket_invariance(make_backbone, arch):
     """Padding every segment to a multiple of 5 or 16 changes no loss term or latent."""
     bb = make_backbone(arch, init_range=0.3)
@@ -207,10 +227,14 @@ def test_bucket_invariance(make_backbone, arch):
 
 
 @pytest.mark.parametrize("h_q,h_kv,s", [(6, 2, 5), (4, 4, 3), (8, 2, 1)])
-def test_grouped_attention_matches_per_head_softmax(h_q, h_kv, s):
-    """Grouped-query attention without K/V copies against a loop over query heads, each
-    reading KV head ``head // (h_q // h_kv)``, with an explicit masked softmax."""
-    from kava.layers import grouped_attention
+@pytest.mark.parametrize("copies", [False, True])
+def test_grouped_attention_matches_per_head_softmax(h_q, h_kv, s, copies):
+    """Grouped-query attention without K/V copies, and with them (``train.attention:
+    repeat_kv``), against a loop over query heads, each reading KV head ``head // (h_q //
+    h_kv)``, with an explicit masked softmax."""
+    from kava.layers import grouped_attention, repeated_kv_attention
+
+    attend = repeated_kv_attention if copies else grouped_attention
 
     torch.manual_seed(0)
     b, s_k, d = 3, 7, 4
@@ -218,7 +242,7 @@ def test_grouped_attention_matches_per_head_softmax(h_q, h_kv, s):
     k, v = (torch.randn(b, h_kv, s_k, d, dtype=torch.float64) for _ in range(2))
     mask = torch.rand(b, 1, s, s_k) > 0.4
     mask[..., 0] = True  # every query sees at least one key
-    out = grouped_attention(q, k, v, mask, scale=0.3)
+    out = attend(q, k, v, mask, scale=0.3)
     ref = torch.empty_like(out)
     for head in range(h_q):
         kv_head = head // (h_q // h_kv)

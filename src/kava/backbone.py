@@ -175,6 +175,7 @@ class Backbone(nn.Module):
         self._static_fns = self._eager_fns
         self._checkpoint = False
         self._mark_dynamic = False  # compile_layers: batch / length dims marked dynamic
+        self._copy_kv = False  # attention_copies: K/V copied per query head in layer_pass
 
     # --- building ----------------------------------------------------------------------
     @classmethod
@@ -307,8 +308,10 @@ class Backbone(nn.Module):
         if self._mark_dynamic:
             layers.mark_dynamic_dims(*args[1:])
         if self._checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._layer_fn, *args, use_reentrant=False)
-        return self._layer_fn(*args)
+            return torch.utils.checkpoint.checkpoint(
+                self._layer_fn, *args, copy_kv=self._copy_kv, use_reentrant=False
+            )
+        return self._layer_fn(*args, copy_kv=self._copy_kv)
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE ``cos, sin [B, N, d]`` (float32) of ``position_ids [B, N]``, as the layers
@@ -352,6 +355,12 @@ class Backbone(nn.Module):
         for module in self.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = enabled
+
+    def attention_copies(self, enabled: bool) -> None:
+        """Grouped-query attention of the layer passes with K/V copied per query head
+        (``layers.repeated_kv_attention``, ``train.attention: repeat_kv``) or without
+        (``layers.grouped_attention``, the default: generation and merged copies)."""
+        self._copy_kv = enabled
 
     def checkpoint_layers(self) -> None:
         """Recompute each decoder layer in backward (non-reentrant ``torch.utils.checkpoint``).

@@ -37,6 +37,7 @@ RESUME_MUTABLE = (
     "train.max_consecutive_skips",
     "train.compile",
     "train.activation_checkpointing",
+    "train.attention",  # the same attention, rounded differently (as train.compile)
     "train.report_to",  # trackers only observe
     "eval.",
 )
