@@ -464,18 +464,22 @@ def bench_train(model: KavaModel, synth: Synth, args, device, counts: dict) -> d
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times, losses_seen = [], []
+    times, losses_seen, graphs_per_step = [], [], []
+    stats = torch._dynamo.utils.counters["stats"]  # a step that compiles adds graphs
     for i, micro in enumerate(batches[:n_steps]):
+        graphs = stats["unique_graphs"]
         sync(device)
         t0 = time.perf_counter()
         terms = step(micro)
         sync(device)
         dt = time.perf_counter() - t0
         losses_seen.append(terms["loss"])
+        graphs_per_step.append(stats["unique_graphs"] - graphs)
         if i >= args.warmup:
             times.append(dt)
         log(
             f"  step {i:>2} {'(warm-up)' if i < args.warmup else '':<9} {dt:8.3f} s  loss {terms['loss']:.4f}"
+            + (f"  ({graphs_per_step[-1]} new compiled graphs)" if graphs_per_step[-1] else "")
         )
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -512,6 +516,7 @@ def bench_train(model: KavaModel, synth: Synth, args, device, counts: dict) -> d
         padded_tokens_per_s=per_step["padded"] / med,
         step_time_s=med,
         step_times_s=times,
+        new_compiled_graphs_per_step=graphs_per_step,  # warm-up steps included
         tokens_per_step=per_step["real"],
         padded_tokens_per_step=per_step["padded"],
         tokens_per_step_by_pass={k: v for k, v in per_step.items() if k not in ("real", "padded")},
