@@ -4,7 +4,8 @@
 #   git archive d21e6e7 src benchmarks | tar -x -C build/before   # here, before the call
 #   TAG=c5 bash benchmarks/device_speed.sh PART                   # device call, carry build/before
 # PART: llama1b (before/after, Llama-3.2-1B shape), smollm2 (before/after, SmolLM2-135M shape),
-# ab (after with grouped attention, train.attention's other value, and --nl), more (Qwen2.5-0.5B, Llama-3.2-3B after).
+# ab (after with grouped attention, train.attention's other value, and --nl), qwen (before/after
+# Qwen2.5-0.5B), more (Qwen2.5-0.5B, Llama-3.2-3B after).
 # Every run writes $OUT/$TAG-<name>.json as it goes (a cut run still returns what it measured)
 # and its log; a per-run time limit keeps the call inside the device's 10 minutes.
 set -uo pipefail
@@ -40,9 +41,12 @@ smollm2)
 ab)
   bench after-llama1b-grouped . 240 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2 --attention grouped
   bench after-llama1b-nl . 240 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2 --nl ;;
+qwen)
+  bench before-qwen-0.5b "$BEFORE" 60 --arch qwen-0.5b --micro-batch 128 --steps 5 --warmup 2
+  bench after-qwen-0.5b . 180 --arch qwen-0.5b --micro-batch 128 --steps 6 --warmup 2 ;;
 more)
   bench after-qwen-0.5b . 240 --arch qwen-0.5b --micro-batch 128 --steps 6 --warmup 2
   bench after-llama-3b . 280 --arch llama-3b --micro-batch 64 --steps 4 --warmup 2 ;;
-*) echo "usage: TAG=c5 bash benchmarks/device_speed.sh llama1b|smollm2|ab|more" >&2; exit 2 ;;
+*) echo "usage: TAG=c5 bash benchmarks/device_speed.sh llama1b|smollm2|ab|qwen|more" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
