@@ -2,8 +2,10 @@
 # Runs the SmolLM2 reproduction grid on the lent GPU (one H200), in slices of one device
 # call each (../shared/DEVICE.md). From the repository root on the device machine:
 #   stage1            copy the first half of the staged GGUF and the gguf wheel
-#   start K SECONDS   join the GGUF, launch K workers in the background (setsid), wait
-#   wait SECONDS      wait (the workers go on while the machine stays warm), then pack
+#   start K SECONDS   join the GGUF, launch K workers in the background (setsid), return
+#                     SECONDS after the call began (<= 540: the device cuts a call at 600)
+#   wait SECONDS      wait (the workers go on while the machine stays warm), then pack;
+#                     make each call at once after the last: an idle machine goes in ~30 s
 # Runs finished in earlier sessions (results/smollm2-gsm8k/<spec>/runs) are copied in first
 # and skipped. Each call ends by packing $OUT/results.tgz (json, yaml and log files of every run; no
 # weights) and $OUT/predictions.tgz. Runs that finished have DONE.json and are skipped by a
@@ -55,7 +57,9 @@ start)
   # reference rows: the untrained model prompted for CoT and for No-CoT (unless committed)
   [ -d results/smollm2-gsm8k/untrained ] && cp -r results/smollm2-gsm8k/untrained "$EXP/"
   setsid bash -c "cd $REPO; for m in cot nocot; do [ -f $EXP/untrained/\$m/gsm8k/metrics.json ] && continue; OMP_NUM_THREADS=2 python3 -m kava.cli eval --config configs/smollm2-gsm8k.yaml --set method=\$m --datasets gsm8k-aug-valid,gsm8k,svamp,gsm-hard,multiarith --out $EXP/untrained/\$m --no-progress; done" >"$EXP/logs/wu.log" 2>&1 </dev/null &
-  sleep "$3"; pack ;;
+  # SECONDS counts the whole call: set-up included, it ends by $3 (a call cut by the
+  # device's limit packs nothing, and its machine may be gone before the next call)
+  sleep $(($3 > SECONDS ? $3 - SECONDS : 0)); pack ;;
 wait)
   sleep "$2"; pack ;;
 esac
