@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from kava import parallel
 from kava.backbone import Backbone, build_backbone
 from kava.batching import CoconutBatch, Encoded, encode, encode_steps
 from kava.card import CARD, model_card
@@ -199,6 +200,14 @@ def validation_config(cfg: KavaConfig) -> KavaConfig:
     return val
 
 
+def init_backbone(cfg: KavaConfig) -> Backbone:
+    """``build_backbone`` with the global RNG seeded from ``train.seed`` first: every
+    process draws the same initial LoRA / projection tensors (FSDP does not broadcast
+    them from rank 0 as DDP does)."""
+    torch.manual_seed(cfg.train.seed)
+    return build_backbone(cfg)
+
+
 def _mixed_precision(cfg: KavaConfig) -> str:
     mp = cfg.train.mixed_precision
     if mp == "auto":
@@ -324,16 +333,21 @@ def tracked_values(rec: dict) -> dict:
 def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train ``cfg`` and return the path of the final checkpoint."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     t = cfg.train
     run_dir = Path(t.output_dir)
     log_with = trackers(cfg, run_dir)
     accelerator = Accelerator(
-        mixed_precision=_mixed_precision(cfg), log_with=log_with or None, project_dir=str(run_dir)
+        mixed_precision=_mixed_precision(cfg),
+        log_with=log_with or None,
+        project_dir=str(run_dir),
+        # no example repeated to even out the processes' shares: the epoch's micro-batches
+        # are dealt as they are, and every step takes whole global batches (parallel)
+        dataloader_config=DataLoaderConfiguration(even_batches=False),
     )
-    world = accelerator.num_processes
+    world, rank = accelerator.num_processes, accelerator.process_index
     accum = max(1, t.global_batch_size // (t.micro_batch_size * world))
     if accum * t.micro_batch_size * world != t.global_batch_size:
         log.warning(
@@ -343,17 +357,24 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             world,
             accum * t.micro_batch_size * world,
         )
-    set_seed(t.seed, device_specific=True)  # each process its own dropout stream
-    # before anything is loaded or written: a refused run leaves the folder untouched
+    set_seed(t.seed)  # the same on every process: identical trainable tensors (init_backbone)
+    # before anything is loaded or written: a refused run leaves the folder untouched;
+    # every process checks before the main one may write (else a slower one would find
+    # the main one's config.yaml and refuse)
     changes = check_resume(run_dir, cfg) if resume else check_fresh(run_dir)
     check_spec(cfg.data.train)  # a mistyped dataset fails now, not after a Hub round trip
     if t.eval_every:
         check_spec(t.eval_dataset)
+    accelerator.wait_for_everyone()
 
-    backbone = build_backbone(cfg)
+    # the main process converts / downloads / caches the model and data first
+    with accelerator.main_process_first():
+        backbone = init_backbone(cfg)
+        examples = load_train_examples(cfg)
+    if rank > 0:  # each other process its own dropout stream; rank 0 goes on as 1 process
+        set_seed(t.seed, device_specific=True)
     apply_speed_options(backbone, cfg, accelerator.device)
     model = KavaModel(backbone, cfg)
-    examples = load_train_examples(cfg)
     without_cot = check_cot(examples, cfg)
     data = encode_examples(examples, backbone, cfg)
     val_examples = load_validation_examples(cfg)
@@ -398,23 +419,31 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         )
         return accelerator.prepare_data_loader(dl)
 
-    batches_per_epoch = len(loader(0))
-    if batches_per_epoch < accum:  # a data set smaller than the global batch
+    # counted on the whole data set, not on this process's share of it (kava.parallel)
+    batches_per_epoch = math.ceil(len(data.items) / t.micro_batch_size)
+    if batches_per_epoch < accum * world:  # a data set smaller than the global batch
+        if batches_per_epoch < world:
+            raise ConfigError(
+                f"train.micro_batch_size: {len(data.items)} examples make {batches_per_epoch} "
+                f"micro-batches of {t.micro_batch_size}, fewer than the {world} processes; "
+                "lower train.micro_batch_size or use fewer processes"
+            )
         log.warning(
             "an epoch has %d micro-batches, fewer than the %d of a global batch: "
             "each optimizer step uses the whole epoch",
             batches_per_epoch,
-            accum,
+            accum * world,
         )
-        accum = batches_per_epoch
-    steps_per_epoch = batches_per_epoch // accum
+        accum = batches_per_epoch // world
+    steps_per_epoch = parallel.steps_per_epoch(len(data.items), t.micro_batch_size, accum, world)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = int(t.warmup_ratio * total_steps)
     if t.lr_schedule == "cosine":
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     else:
         scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-    curriculum = Curriculum(cfg, steps_per_epoch, backbone.ids, accelerator.process_index)
+    curriculum = Curriculum(cfg, steps_per_epoch, backbone.ids)
+    layout = parallel.describe(world, fsdp=False)
 
     step = 0
     best: dict | None = None  # {"step", "accuracy"} of best/ so far (train.eval_every)
@@ -435,7 +464,6 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(resumed.rank["rng"])
-        accelerator.unwrap_model(model).generator.set_state(resumed.rank["eviction_rng"])
         step = state["step"]
         best = state.get("best")
         skipped_steps = state.get("skipped_steps", 0)
@@ -447,7 +475,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
 
     if accelerator.is_main_process:
         device = device_info(accelerator.device.type, accelerator.num_processes)
-        manifest = start_manifest(run_dir, cfg, device, resume)
+        manifest = start_manifest(run_dir, cfg, device, resume, parallel=layout)
     if log_with:
         accelerator.init_trackers(
             "kava", config=tracker_config(cfg), init_kwargs={"wandb": {"name": run_dir.name}}
@@ -482,15 +510,12 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                     "best": best,
                     "skipped_steps": skipped_steps,
                     "consecutive_skips": consecutive_skips,
+                    "parallel": layout,
                 }
             write_checkpoint_files(tmp, backbone, cfg, state, **extra)
         accelerator.wait_for_everyone()
         if with_state:  # every process has its own RNG stream (dropout); each saves its own
-            ranks_rng = {
-                "rng": rng_state(),
-                "eviction_rng": accelerator.unwrap_model(model).generator.get_state(),
-            }
-            write_rank_state(tmp, rank_state_name(accelerator.process_index), ranks_rng)
+            write_rank_state(tmp, rank_state_name(rank), {"rng": rng_state()})
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             commit_checkpoint(tmp, path)
@@ -535,6 +560,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         step_bad: torch.Tensor | None = None  # which loss terms were non-finite in this step
         window_nonfinite: list[str] = []  # terms non-finite in steps skipped since the last line
         n_micro, step_micro, tokens, exhausted, t0 = 0, 0, 0, 0, time.perf_counter()
+        n_examples = 0  # examples this process trained on since the last log line
         while step < total_steps:
             epoch, done_in_epoch = divmod(step, steps_per_epoch)
             dl = loader(epoch)
@@ -544,8 +570,10 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             for i, items in enumerate(dl, start=skip):
                 if i >= steps_per_epoch * accum:
                     break  # leftover micro-batches that do not fill an optimizer step
-                built = curriculum.batch(items, step, i % accum)
+                micro = parallel.global_micro(i % accum, rank, world)  # in the global batch
+                built = curriculum.batch(items, step, micro)
                 batch = built.batch.to(accelerator.device)
+                accelerator.unwrap_model(model).seed_draws(step, micro)
                 exhausted += built.cot_exhausted
                 sync = (i + 1) % accum == 0
                 ctx = accelerator.no_sync(model) if not sync else torch.enable_grad()
@@ -559,6 +587,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 del out  # teacher capture, latent KV, compressed KV: free before the next forward
                 step_micro += 1
                 tokens += batch_tokens(batch, cfg)
+                n_examples += len(items)
                 if not sync:
                     continue
                 # the norm is computed without clipping too (max_norm=inf scales by exactly 1)
@@ -611,11 +640,15 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                             torch.stack(list(sums.values())) / n_micro, reduction="mean"
                         )
                         rec.update(zip(sums, means.tolist()))
+                    # throughput of all processes: their counts summed
+                    counts = torch.tensor([tokens, n_examples], device=accelerator.device)
+                    all_tokens, all_examples = accelerator.reduce(counts, reduction="sum").tolist()
                     rec.update(
                         step=step,
                         epoch=round(step / steps_per_epoch, 4),
                         lr=lr,
-                        tokens_per_s=tokens * world / max(elapsed, 1e-9),
+                        tokens_per_s=all_tokens / max(elapsed, 1e-9),
+                        examples_per_s=all_examples / max(elapsed, 1e-9),
                         grad_norm=float(grad_norm),
                         skipped_steps=skipped_steps,
                         **val_fields,
@@ -646,6 +679,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                         }
                     )
                     sums, n_micro, tokens, exhausted, t0 = {}, 0, 0, 0, time.perf_counter()
+                    n_examples = 0
                     window_nonfinite = []
                 bar.update(1)
                 saving = t.save_every and step % t.save_every == 0
