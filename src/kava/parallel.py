@@ -16,9 +16,10 @@ Everything that must come out the same for 1 and N processes is defined here on 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,16 +46,42 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def process_state():
+    """accelerate's ``PartialState`` (starts the process group). ``ACCELERATE_USE_CPU``
+    must be passed on by hand: ``PartialState()`` ignores it (only ``Accelerator`` reads
+    it) and would see N single processes on a CPU launch."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def current_shard() -> Shard:
     """This process's ``Shard``; with several processes the process group is started
-    (accelerate's ``PartialState``). A single process gets ``Shard()`` and nothing is
-    initialised."""
+    (``process_state``). A single process gets ``Shard()`` and nothing is initialised."""
     if launched_world() <= 1:
         return Shard()
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     return Shard(state.process_index, state.num_processes)
+
+
+def process_device(where: Shard):
+    """The device of this process under a launcher (its own GPU, or the CPU), None for a
+    single process (the caller's default)."""
+    if where.world <= 1:
+        return None
+    return process_state().device
+
+
+@contextlib.contextmanager
+def main_first(where: Shard) -> Iterator[None]:
+    """The main process runs the block first (downloads, conversions, caches), the others
+    after it: one process writes a cache, the rest read it."""
+    if where.world <= 1:
+        yield
+        return
+    with process_state().main_process_first():
+        yield
 
 
 def global_micro(local: int, rank: int, world: int) -> int:

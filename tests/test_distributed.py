@@ -1,0 +1,251 @@
+"""Two CPU processes (gloo, ``accelerate launch``) against one, at the same global batch.
+
+One launch runs every 2-process job (tests/dist_worker.py); the 1-process references run
+in this process. fp32, LoRA dropout 0: the per-step losses must agree to rounding
+(rtol 1e-5), and so must the final trainable tensors:
+
+* KaVa with R-KV eviction, 15 examples in micro-batches of 2 (the last holds 1: with
+  accelerate's ``even_batches`` it would be padded with a repeated example), resumed
+  exactly from a mid-epoch checkpoint under 2 processes;
+* Coconut with ``uniform_prob`` (random stages per example), 9 examples: an epoch has
+  5 micro-batches, 2 steps of 2 (a per-process count would make it 3 steps);
+* random eviction (``rkv.method random``): draws seeded by the global micro-batch;
+* the main process does not write the run folder before a slow process checked it;
+* every process builds the same trainable tensors;
+* ``kava eval`` on 2 processes writes byte-identical predictions and the same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_lm, tiny_run_config
+from kava.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+LOSSES = ("loss", "student_ce", "teacher_ce", "codi_loss", "kv_loss", "grad_norm", "lr")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: Path, args: list[str], n: int = 2, timeout: int = 300, extra: list[str] = ()):
+    """``accelerate launch`` of ``n`` gloo processes on the CPU (``--cpu`` would start one)."""
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(n),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *extra,
+        str(script),
+        *args,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def run_config(model_dir, out, n_examples, max_steps, **sections) -> dict:
+    cfg = tiny_run_config(model_dir, out)
+    cfg["data"]["synthetic_train_size"] = n_examples
+    cfg["train"].update(
+        max_steps=max_steps,
+        micro_batch_size=2,
+        global_batch_size=4,
+        eval_every=0,
+        save_every=2,
+        report_to=["none"],
+        lr=1e-3,
+    )
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+CONFIGS = {
+    "rkv": dict(n_examples=15, max_steps=4),
+    "coconut": dict(
+        n_examples=9,
+        max_steps=3,
+        method="coconut",
+        coconut={"epochs_per_stage": 0.5, "uniform_prob": 0.5},
+    ),
+    "random": dict(n_examples=9, max_steps=3, rkv={"method": "random"}),
+}
+
+
+def write_configs(root: Path, model_dir: Path, tag: str) -> dict[str, Path]:
+    out = {}
+    for name, spec in CONFIGS.items():
+        path = root / f"{name}-{tag}.yaml"
+        path.write_text(yaml.safe_dump(run_config(model_dir, root / tag / name, **spec)))
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama at the usual init scale: smooth enough that rounding (the
+    order of a gradient sum differs between 1 and 2 processes) stays at rounding size
+    over a few steps (the sharper init of ``tiny_model_dir`` amplifies it to 1e-4)."""
+    path = tmp_path_factory.mktemp("tiny-llama-dist")
+    base_tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tiny_lm("llama", len(base_tok)).save_pretrained(path)
+    base_tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, model_dir):
+    """The 2-process jobs (one launch) and the 1-process references."""
+    root = tmp_path_factory.mktemp("dist")
+    two = write_configs(root, model_dir, "two")
+    one = write_configs(root, model_dir, "one")
+    rkv2 = root / "two" / "rkv"
+    jobs = [
+        {"argv": ["train", str(two["rkv"]), "--no-progress"], "slow_check_rank": 1},
+        {"copy": str(rkv2), "to": str(root / "two" / "rkv-resumed")},
+        {"rm": str(root / "two" / "rkv-resumed" / "final")},
+        {
+            "argv": [
+                "train",
+                str(two["rkv"]),
+                "--no-progress",
+                "--resume",
+                "--output-dir",
+                str(root / "two" / "rkv-resumed"),
+            ]
+        },
+        {"argv": ["train", str(two["coconut"]), "--no-progress"]},
+        {"argv": ["train", str(two["random"]), "--no-progress"]},
+        {"init": str(two["rkv"]), "out": str(root / "init")},
+        {
+            "argv": [
+                "eval",
+                "--checkpoint",
+                str(rkv2 / "final"),
+                "--out",
+                str(root / "eval-two"),
+                "--limit",
+                "7",
+                "--batch-size",
+                "2",
+                "--no-progress",
+            ]
+        },
+    ]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    launch(REPO / "tests" / "dist_worker.py", [str(root / "jobs.json")])
+    for name in CONFIGS:
+        assert main(["train", str(one[name]), "--no-progress"]) == 0
+    argv = ["eval", "--checkpoint", str(rkv2 / "final"), "--out", str(root / "eval-one")]
+    assert main([*argv, "--limit", "7", "--batch-size", "2", "--no-progress"]) == 0
+    return root
+
+
+def assert_same_losses(one: list[dict], two: list[dict]) -> None:
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for k in LOSSES:
+            if a.get(k) is not None:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a, b)
+
+
+def assert_same_weights(one: Path, two: Path) -> None:
+    a, b = (
+        load_file(str(one / "trainable.safetensors")),
+        load_file(str(two / "trainable.safetensors")),
+    )
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5 + 1e-4 * a[k].abs().max(), k
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_two_processes_give_the_one_process_losses(runs, name):
+    one, two = runs / "one" / name, runs / "two" / name
+    assert_same_losses(read_log(one), read_log(two))
+    assert_same_weights(one / "final", two / "final")
+
+
+def test_resume_under_two_processes_is_exact(runs):
+    full, resumed = read_log(runs / "two" / "rkv"), read_log(runs / "two" / "rkv-resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full[2:], resumed[2:]):
+        for k in LOSSES:
+            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-7), (k, a, b)
+    assert_same_weights(runs / "two" / "rkv" / "final", runs / "two" / "rkv-resumed" / "final")
+
+
+def test_throughput_is_summed_over_processes(runs):
+    """Tokens per example of a step are those of the whole global batch: the 1-process
+    ratio. Counting only the main process's share (times N) would change it."""
+    for a, b in zip(read_log(runs / "one" / "rkv"), read_log(runs / "two" / "rkv")):
+        ratio_one = a["tokens_per_s"] / a["examples_per_s"]
+        assert b["tokens_per_s"] / b["examples_per_s"] == pytest.approx(ratio_one, rel=1e-9)
+
+
+def test_process_layout_is_recorded(runs):
+    import torch
+
+    two = runs / "two" / "rkv"
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["parallel"] == {"processes": 2, "fsdp": False}
+    assert manifest["device"]["count"] == 2
+    state = torch.load(two / "final" / "trainer_state.pt", weights_only=False)
+    assert state["parallel"] == {"processes": 2, "fsdp": False}
+    assert sorted(p.name for p in (two / "final").glob("rng_state_*.pt")) == [
+        "rng_state_0.pt",
+        "rng_state_1.pt",
+    ]
+
+
+def test_every_process_initialises_the_same_trainable_tensors(runs):
+    a = json.loads((runs / "init.0").read_text())
+    b = json.loads((runs / "init.1").read_text())
+    assert a == b and any("lora" in k for k in a)
+
+
+def test_eval_on_two_processes_matches_one(runs):
+    for f in ("predictions.jsonl",):
+        one = (runs / "eval-one" / "synthetic" / f).read_bytes()
+        assert (runs / "eval-two" / "synthetic" / f).read_bytes() == one
+    timing = {"seconds", "questions_per_second"}
+    m1 = json.loads((runs / "eval-one" / "synthetic" / "metrics.json").read_text())
+    m2 = json.loads((runs / "eval-two" / "synthetic" / "metrics.json").read_text())
+    assert m1["n"] == 7
+    assert {k: v for k, v in m1.items() if k not in timing} == {
+        k: v for k, v in m2.items() if k not in timing
+    }
