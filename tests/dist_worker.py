@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+import fsdp_on_cpu  # noqa: F401  (FSDP launches on CPU processes)
 from kava.parallel import process_state
 
 

@@ -12,7 +12,10 @@ in this process. fp32, LoRA dropout 0: the per-step losses must agree to roundin
 * random eviction (``rkv.method random``): draws seeded by the global micro-batch;
 * the main process does not write the run folder before a slow process checked it;
 * every process builds the same trainable tensors;
-* ``kava eval`` on 2 processes writes byte-identical predictions and the same metrics.
+* ``kava eval`` on 2 processes writes byte-identical predictions and the same metrics;
+* FSDP2 (configs/accelerate/fsdp2.yaml, on CPU through tests/fsdp_on_cpu.py): the same
+  losses and weights for KaVa with R-KV, whole tensors in the checkpoint files, exact
+  resume.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def launch(script: Path, args: list[str], n: int = 2, timeout: int = 300, extra:
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
+        *(extra or ["--multi_gpu"]),  # a config file names the distributed type itself
         "--num_processes",
         str(n),
         "--num_machines",
@@ -64,7 +67,6 @@ def launch(script: Path, args: list[str], n: int = 2, timeout: int = 300, extra:
         "no",
         "--dynamo_backend",
         "no",
-        *extra,
         str(script),
         *args,
     ]
@@ -249,3 +251,54 @@ def test_eval_on_two_processes_matches_one(runs):
     assert {k: v for k, v in m1.items() if k not in timing} == {
         k: v for k, v in m2.items() if k not in timing
     }
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(runs):
+    """The KaVa R-KV run under FSDP2 (2 processes), interrupted and resumed."""
+    config = runs / "rkv-two.yaml"
+    fsdp = runs / "fsdp"
+    argv = ["train", str(config), "--no-progress"]
+    jobs = [
+        {"argv": [*argv, "--output-dir", str(fsdp / "rkv")], "slow_check_rank": 1},
+        {"copy": str(fsdp / "rkv"), "to": str(fsdp / "rkv-resumed")},
+        {"rm": str(fsdp / "rkv-resumed" / "final")},
+        {"argv": [*argv, "--resume", "--output-dir", str(fsdp / "rkv-resumed")]},
+    ]
+    (runs / "jobs-fsdp.json").write_text(json.dumps(jobs))
+    config_file = REPO / "configs" / "accelerate" / "fsdp2.yaml"
+    launch(
+        REPO / "tests" / "dist_worker.py",
+        [str(runs / "jobs-fsdp.json")],
+        extra=["--config_file", str(config_file)],
+    )
+    return fsdp
+
+
+def test_fsdp_gives_the_one_process_losses(runs, fsdp_runs):
+    assert_same_losses(read_log(runs / "one" / "rkv"), read_log(fsdp_runs / "rkv"))
+    assert_same_weights(runs / "one" / "rkv" / "final", fsdp_runs / "rkv" / "final")
+    manifest = json.loads((fsdp_runs / "rkv" / "manifest.json").read_text())
+    assert manifest["parallel"] == {"processes": 2, "fsdp": True}
+
+
+def test_fsdp_checkpoint_is_whole_and_loads_in_one_process(runs, fsdp_runs):
+    from kava.checkpoint import load_checkpoint, trainable_state
+
+    final = fsdp_runs / "rkv" / "final"
+    backbone, _ = load_checkpoint(final)
+    one = load_file(str(runs / "one" / "rkv" / "final" / "trainable.safetensors"))
+    for name, value in trainable_state(backbone).items():
+        assert value.shape == one[name].shape, name  # whole tensors, not shards
+    adapter = load_file(str(final / "adapter" / "adapter_model.safetensors"))
+    ref = load_file(str(runs / "one" / "rkv" / "final" / "adapter" / "adapter_model.safetensors"))
+    assert adapter.keys() == ref.keys()
+
+
+def test_fsdp_resume_is_exact(fsdp_runs):
+    full, resumed = read_log(fsdp_runs / "rkv"), read_log(fsdp_runs / "rkv-resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full[2:], resumed[2:]):
+        for k in LOSSES:
+            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-7), (k, a, b)
+    assert_same_weights(fsdp_runs / "rkv" / "final", fsdp_runs / "rkv-resumed" / "final")

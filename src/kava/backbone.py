@@ -353,6 +353,13 @@ class Backbone(nn.Module):
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = enabled
 
+    def use_hf_layers(self, reason: str) -> None:
+        """Run every layer through its own module ``forward`` (HF's decoder loop), not
+        kava's layer pass: FSDP gathers a layer's sharded weights in hooks around its
+        ``forward``, which kava's pass (reading the weights directly) would bypass."""
+        self.fast = False
+        self.fast_path_blocker = reason
+
     def checkpoint_layers(self) -> None:
         """Recompute each decoder layer in backward (non-reentrant ``torch.utils.checkpoint``).
 

@@ -253,6 +253,8 @@ class KavaModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
+        # what accelerate's FSDP auto-wrap shards one by one (the decoder layer class)
+        self._no_split_modules = getattr(backbone.lm, "_no_split_modules", None)
         # random eviction (rkv.method random); the trainer reseeds it per micro-batch
         self.generator = torch.Generator().manual_seed(cfg.rkv.seed)
 

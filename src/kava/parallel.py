@@ -133,3 +133,85 @@ def gather_in_order(local: Sequence[tuple[int, Any]], n: int, where: Shard) -> l
 def describe(num_processes: int, fsdp: bool) -> dict[str, Any]:
     """What ``trainer_state.pt`` and ``manifest.json`` record of the process layout."""
     return {"processes": num_processes, "fsdp": fsdp}
+
+
+# --- FSDP2 (accelerate's fully_shard) ------------------------------------------------------
+
+
+def is_fsdp(accelerator) -> bool:
+    """Whether ``accelerator`` shards the model with FSDP (``accelerate launch
+    --config_file configs/accelerate/fsdp2.yaml``)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_fsdp(accelerator, eval_every: int) -> None:
+    """FSDP runs as FSDP2 only, and without in-training validation: decoding on the main
+    process alone cannot gather the other processes' shards."""
+    from kava.config import ConfigError
+
+    if not accelerator.is_fsdp2:
+        raise ConfigError(
+            "accelerate config: kava supports FSDP2 only (fsdp_version: 2; "
+            "configs/accelerate/fsdp2.yaml)"
+        )
+    if eval_every:
+        raise ConfigError(
+            "train.eval_every: validation during training is not supported under FSDP; "
+            "set train.eval_every=0 and run kava eval on final/ (several processes work)"
+        )
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """The optimizer state of every shard, whole (what one process would hold), keyed by
+    parameter name; a collective (every process calls it), complete on the main one."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, inner, options=options)
+
+
+def load_full_optimizer_state(model, optimizer, state: dict) -> None:
+    """Inverse of ``full_optimizer_state``: every process takes its shards of ``state``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    set_optimizer_state_dict(
+        model, inner, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+    )
+
+
+def full_value(x):
+    """A sharded (``DTensor``) result, e.g. FSDP's gradient norm, as a plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def _fsdp_modules(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def keep_gathered(model) -> None:
+    """Keep each FSDP unit's weights gathered from its first pass of a micro-batch to the
+    end of that micro-batch's backward (``reshard_micro_batch`` frees them).
+
+    A kava micro-batch calls every layer several times (teacher, latent passes, answer)
+    and reads a layer's keys/values from a LATER pass through the KV cache: that
+    gradient reaches the layer's projections without passing FSDP's pre-backward hooks
+    (registered on the layer's outputs), so weights resharded after a forward, or after
+    the backward of one of the passes, would be freed storage when it arrives."""
+    for m in _fsdp_modules(model):
+        m.set_reshard_after_forward(False, recurse=False)
+        m.set_reshard_after_backward(False, recurse=False)
+
+
+def reshard_micro_batch(model) -> None:
+    """Free the gathered weights after a micro-batch's backward (``keep_gathered``): the
+    next forward gathers them again, after the optimizer step changed the shards."""
+    for m in _fsdp_modules(model):
+        m.reshard()

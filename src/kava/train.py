@@ -38,6 +38,7 @@ from kava.batching import CoconutBatch, Encoded, encode, encode_steps
 from kava.card import CARD, model_card
 from kava.checkpoint import (
     TRAINABLE,
+    CheckpointError,
     apply_trainable,
     clean_staging,
     commit_checkpoint,
@@ -51,6 +52,7 @@ from kava.checkpoint import (
     set_rng_state,
     staging_path,
     start_staging,
+    trainable_state,
     write_checkpoint_files,
     write_rank_state,
 )
@@ -373,6 +375,10 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         examples = load_train_examples(cfg)
     if rank > 0:  # each other process its own dropout stream; rank 0 goes on as 1 process
         set_seed(t.seed, device_specific=True)
+    fsdp = parallel.is_fsdp(accelerator)
+    if fsdp:
+        parallel.check_fsdp(accelerator, t.eval_every)
+        backbone.use_hf_layers("FSDP: each layer gathers its weights in its own forward")
     apply_speed_options(backbone, cfg, accelerator.device)
     model = KavaModel(backbone, cfg)
     without_cot = check_cot(examples, cfg)
@@ -403,6 +409,8 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         fused=accelerator.device.type == "cuda",
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:
+        parallel.keep_gathered(model)
 
     def loader(epoch: int) -> DataLoader:
         g = torch.Generator().manual_seed(t.seed + epoch)
@@ -443,7 +451,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     else:
         scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
     curriculum = Curriculum(cfg, steps_per_epoch, backbone.ids)
-    layout = parallel.describe(world, fsdp=False)
+    layout = parallel.describe(world, fsdp=fsdp)
 
     step = 0
     best: dict | None = None  # {"step", "accuracy"} of best/ so far (train.eval_every)
@@ -461,7 +469,17 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         ckpt = resumed.path
         apply_trainable(backbone, resumed.trainable, ckpt / TRAINABLE)
         state = resumed.trainer
-        optimizer.load_state_dict(state["optimizer"])
+        saved_fsdp = state.get("parallel", {}).get("fsdp", False)
+        if saved_fsdp != fsdp:  # the optimizer state is laid out per parameter name under FSDP
+            raise CheckpointError(
+                f"{ckpt}: saved {'with' if saved_fsdp else 'without'} FSDP, resumed "
+                f"{'with' if fsdp else 'without'}: resume with the accelerate config it was "
+                "saved with"
+            )
+        if fsdp:  # saved whole (parallel.full_optimizer_state); each process its shards
+            parallel.load_full_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(resumed.rank["rng"])
         step = state["step"]
@@ -499,20 +517,28 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         ``extra``: ``extra_json`` / ``extra_text`` files (``hub_files``)."""
         accelerator.wait_for_everyone()
         tmp = staging_path(path)
+        # under FSDP every process takes part in gathering the whole tensors (collectives);
+        # the files hold them whole, as from one process
+        trainable = trainable_state(backbone) if fsdp else None
+        optim = None
+        if with_state:
+            optim = (
+                parallel.full_optimizer_state(model, optimizer) if fsdp else optimizer.state_dict()
+            )
         if accelerator.is_main_process:
             start_staging(path)
             state = None
             if with_state:
                 state = {
                     "step": step,
-                    "optimizer": optimizer.state_dict(),
+                    "optimizer": optim,
                     "scheduler": scheduler.state_dict(),
                     "best": best,
                     "skipped_steps": skipped_steps,
                     "consecutive_skips": consecutive_skips,
                     "parallel": layout,
                 }
-            write_checkpoint_files(tmp, backbone, cfg, state, **extra)
+            write_checkpoint_files(tmp, backbone, cfg, state, trainable=trainable, **extra)
         accelerator.wait_for_everyone()
         if with_state:  # every process has its own RNG stream (dropout); each saves its own
             write_rank_state(tmp, rank_state_name(rank), {"rng": rng_state()})
@@ -580,6 +606,8 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 with ctx:
                     out = model(batch)
                     accelerator.backward(out.total / accum)
+                if fsdp:
+                    parallel.reshard_micro_batch(model)
                 for k, v in out.metrics.items():
                     step_sums[k] = step_sums[k] + v if k in step_sums else v
                 bad = nonfinite_flags(torch.stack(list(out.metrics.values())))
@@ -594,6 +622,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 grad_norm = accelerator.clip_grad_norm_(
                     backbone.trainable_parameters(), t.grad_clip if t.grad_clip > 0 else math.inf
                 )
+                grad_norm = parallel.full_value(grad_norm)  # FSDP: a DTensor
                 lr = scheduler.get_last_lr()[0]  # the lr this step used
                 names = [*step_sums, "grad_norm"]
                 bad_parts, stopping = step_decision(
