@@ -7,9 +7,10 @@ A checkpoint folder holds
   keyed by ``Backbone`` parameter names: the one file kava loads back;
 * ``adapter/``               — the LoRA adapter in peft format, for use outside kava;
 * ``tokenizer/``             — the tokenizer with kava's special tokens;
-* ``trainer_state.pt``       — optimizer, scheduler, eviction RNG and the step (the data
-  position), and ``rng_state_<rank>.pt`` per process (dropout RNG): what ``--resume``
-  needs; training checkpoints only;
+* ``trainer_state.pt``       — optimizer, scheduler, the step (the data position; random
+  eviction and curricula are seeded by it) and the process layout (``parallel``), and
+  ``rng_state_<rank>.pt`` per process (dropout RNG): what ``--resume`` needs; training
+  checkpoints only. Under FSDP the tensors are gathered whole before they are written;
 * ``README.md``, ``manifest.json`` — in ``final/`` and ``best/``: the model card
   (kava.card; ``eval_results.json`` beside it once ``kava eval`` ran) and the run's
   provenance (kava.manifest);

@@ -241,11 +241,12 @@ EVAL_COLUMNS = [
 
 def cmd_eval(args) -> int:
     from kava.api import LatentReasoner
-    from kava.backbone import build_backbone, default_device
+    from kava.backbone import default_device
     from kava.config import load_config
     from kava.data import check_spec
     from kava.evaluate import load_eval_examples
     from kava.parallel import current_shard, main_first, process_device
+    from kava.train import init_backbone
 
     for name in args.datasets or []:
         check_spec(name)  # a mistyped name fails before the model is loaded
@@ -260,7 +261,8 @@ def cmd_eval(args) -> int:
             )
         else:
             cfg = load_config(args.config, args.overrides)
-            reasoner = LatentReasoner(build_backbone(cfg).to(device), cfg)
+            # seeded (train.seed): every process decodes with the same untrained tensors
+            reasoner = LatentReasoner(init_backbone(cfg).to(device), cfg)
         datasets = args.datasets or reasoner.config.eval.datasets
         if where.world > 1:
             for name in datasets:  # fill the dataset caches; evaluate loads them again
