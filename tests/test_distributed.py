@@ -9,7 +9,9 @@ in this process. fp32, LoRA dropout 0: the per-step losses must agree to roundin
   exactly from a mid-epoch checkpoint under 2 processes;
 * Coconut with ``uniform_prob`` (random stages per example), 9 examples: an epoch has
   5 micro-batches, 2 steps of 2 (a per-process count would make it 3 steps);
-* random eviction (``rkv.method random``): draws seeded by the global micro-batch;
+* random eviction (``rkv.method random``): draws seeded by the global micro-batch; a
+  global batch of 8, so each process accumulates 2 micro-batches (local j of rank r is
+  global micro-batch 2j + r);
 * the main process does not write the run folder before a slow process checked it;
 * every process builds the same trainable tensors;
 * ``kava eval`` on 2 processes writes byte-identical predictions and the same metrics;
@@ -79,13 +81,13 @@ def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def run_config(model_dir, out, n_examples, max_steps, **sections) -> dict:
+def run_config(model_dir, out, n_examples, max_steps, global_batch=4, **sections) -> dict:
     cfg = tiny_run_config(model_dir, out)
     cfg["data"]["synthetic_train_size"] = n_examples
     cfg["train"].update(
         max_steps=max_steps,
         micro_batch_size=2,
-        global_batch_size=4,
+        global_batch_size=global_batch,
         eval_every=0,
         save_every=2,
         report_to=["none"],
@@ -104,7 +106,8 @@ CONFIGS = {
         method="coconut",
         coconut={"epochs_per_stage": 0.5, "uniform_prob": 0.5},
     ),
-    "random": dict(n_examples=9, max_steps=3, rkv={"method": "random"}),
+    # a global batch of 8: 4 micro-batches on 1 process, 2 each (accumulated) on 2
+    "random": dict(n_examples=17, max_steps=3, rkv={"method": "random"}, global_batch=8),
 }
 
 
