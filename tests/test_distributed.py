@@ -16,8 +16,8 @@ in this process. fp32, LoRA dropout 0: the per-step losses must agree to roundin
 * every process builds the same trainable tensors;
 * ``kava eval`` on 2 processes writes byte-identical predictions and the same metrics;
 * FSDP2 (configs/accelerate/fsdp2.yaml, on CPU through tests/fsdp_on_cpu.py): the same
-  losses and weights for KaVa with R-KV, whole tensors in the checkpoint files, exact
-  resume.
+  losses and weights for KaVa with R-KV and for Coconut, whole tensors in the checkpoint
+  files, exact resume.
 """
 
 from __future__ import annotations
@@ -267,6 +267,15 @@ def fsdp_runs(runs):
         {"copy": str(fsdp / "rkv"), "to": str(fsdp / "rkv-resumed")},
         {"rm": str(fsdp / "rkv-resumed" / "final")},
         {"argv": [*argv, "--resume", "--output-dir", str(fsdp / "rkv-resumed")]},
+        {
+            "argv": [
+                "train",
+                str(runs / "coconut-two.yaml"),
+                "--no-progress",
+                "--output-dir",
+                str(fsdp / "coconut"),
+            ]
+        },
     ]
     (runs / "jobs-fsdp.json").write_text(json.dumps(jobs))
     config_file = REPO / "configs" / "accelerate" / "fsdp2.yaml"
@@ -283,6 +292,11 @@ def test_fsdp_gives_the_one_process_losses(runs, fsdp_runs):
     assert_same_weights(runs / "one" / "rkv" / "final", fsdp_runs / "rkv" / "final")
     manifest = json.loads((fsdp_runs / "rkv" / "manifest.json").read_text())
     assert manifest["parallel"] == {"processes": 2, "fsdp": True}
+
+
+def test_fsdp_coconut_gives_the_one_process_losses(runs, fsdp_runs):
+    assert_same_losses(read_log(runs / "one" / "coconut"), read_log(fsdp_runs / "coconut"))
+    assert_same_weights(runs / "one" / "coconut" / "final", fsdp_runs / "coconut" / "final")
 
 
 def test_fsdp_checkpoint_is_whole_and_loads_in_one_process(runs, fsdp_runs):
