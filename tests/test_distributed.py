@@ -12,6 +12,7 @@ in this process. fp32, LoRA dropout 0: the per-step losses must agree to roundin
 * random eviction (``rkv.method random``): draws seeded by the global micro-batch; a
   global batch of 8, so each process accumulates 2 micro-batches (local j of rank r is
   global micro-batch 2j + r);
+* a data set smaller than the global batch (each step takes the whole epoch);
 * the main process does not write the run folder before a slow process checked it;
 * every process builds the same trainable tensors;
 * ``kava eval`` on 2 processes writes byte-identical predictions and the same metrics;
@@ -108,6 +109,8 @@ CONFIGS = {
     ),
     # a global batch of 8: 4 micro-batches on 1 process, 2 each (accumulated) on 2
     "random": dict(n_examples=17, max_steps=3, rkv={"method": "random"}, global_batch=8),
+    # fewer examples than a global batch: 2 micro-batches (2 + 1 examples), one each
+    "small": dict(n_examples=3, max_steps=2, global_batch=8),
 }
 
 
@@ -155,6 +158,7 @@ def runs(tmp_path_factory, model_dir):
         },
         {"argv": ["train", str(two["coconut"]), "--no-progress"]},
         {"argv": ["train", str(two["random"]), "--no-progress"]},
+        {"argv": ["train", str(two["small"]), "--no-progress"]},
         {"init": str(two["rkv"]), "out": str(root / "init")},
         {
             "argv": [
