@@ -28,7 +28,9 @@ trains and evaluates the methods it is compared with, in the paper's order:
 
 Configs are YAML files of typed keys (see configs/ and kava/config.py); --set key=value
 overrides any key with dotted names, e.g. --set kv_loss.type=mse --set latent.num_iterations=3.
-Multi-GPU: accelerate launch -m kava train CONFIG (DDP; same code path as one process).
+Several GPUs: accelerate launch --config_file configs/accelerate/ddp.yaml (or fsdp2.yaml)
+--num_processes N -m kava train CONFIG; kava eval shards its batches the same way
+(README, "Several GPUs").
 """
 
 

@@ -1,4 +1,5 @@
-"""Training loop (accelerate): one code path for a CPU process, one GPU, or DDP.
+"""Training loop (accelerate): one code path for a CPU process, one GPU, DDP or FSDP2
+(what is the same for 1 and N processes: kava.parallel).
 
 ``train(cfg)`` writes into ``cfg.train.output_dir``:
 
