@@ -3,7 +3,8 @@
 ``accelerate launch ... tests/dist_worker.py JOBS.json``: every process runs the jobs in
 order (one launch pays the start-up of N Python processes once). A job is a dict:
 
-* ``{"argv": [...]}``: ``kava.cli.main(argv)`` (train, eval, ...); must return 0;
+* ``{"argv": [...]}``: ``kava.cli.main(argv)`` (train, eval, ...); must return 0, or
+  ``expect_rc`` (a refused run: 2);
 * ``{"argv": [...], "slow_check_rank": r}``: process ``r`` sleeps before its
   fresh-folder check (a slow process at start-up; the main one must wait for it);
 * ``{"rm": path}`` / ``{"copy": src, "to": dst}``: the main process deletes ``path`` (an
@@ -62,7 +63,7 @@ def run_job(job: dict, state: PartialState) -> None:
         rc = main(job["argv"])
     finally:
         train_mod.check_fresh = original
-    if rc != 0:
+    if rc != job.get("expect_rc", 0):
         raise SystemExit(f"rank {state.process_index}: {job['argv']} returned {rc}")
     state.wait_for_everyone()
 

@@ -271,6 +271,10 @@ def fsdp_runs(runs):
         {"copy": str(fsdp / "rkv"), "to": str(fsdp / "rkv-resumed")},
         {"rm": str(fsdp / "rkv-resumed" / "final")},
         {"argv": [*argv, "--resume", "--output-dir", str(fsdp / "rkv-resumed")]},
+        {  # refused before anything is written: validation needs every shard
+            "argv": [*argv, "--output-dir", str(fsdp / "refused"), "--set", "train.eval_every=2"],
+            "expect_rc": 2,
+        },
         {
             "argv": [
                 "train",
@@ -296,6 +300,11 @@ def test_fsdp_gives_the_one_process_losses(runs, fsdp_runs):
     assert_same_weights(runs / "one" / "rkv" / "final", fsdp_runs / "rkv" / "final")
     manifest = json.loads((fsdp_runs / "rkv" / "manifest.json").read_text())
     assert manifest["parallel"] == {"processes": 2, "fsdp": True}
+
+
+def test_fsdp_refuses_validation_during_training(fsdp_runs):
+    refused = fsdp_runs / "refused"  # exit code 2 on both processes, nothing written
+    assert not refused.exists() or not any(refused.iterdir())
 
 
 def test_fsdp_coconut_gives_the_one_process_losses(runs, fsdp_runs):

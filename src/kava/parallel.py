@@ -21,7 +21,12 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator, PartialState
+    from torch import nn
 
 T = TypeVar("T")
 
@@ -46,7 +51,7 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def process_state():
+def process_state() -> PartialState:
     """accelerate's ``PartialState`` (starts the process group). ``ACCELERATE_USE_CPU``
     must be passed on by hand: ``PartialState()`` ignores it (only ``Accelerator`` reads
     it) and would see N single processes on a CPU launch."""
@@ -65,7 +70,7 @@ def current_shard() -> Shard:
     return Shard(state.process_index, state.num_processes)
 
 
-def process_device(where: Shard):
+def process_device(where: Shard) -> torch.device | None:
     """The device of this process under a launcher (its own GPU, or the CPU), None for a
     single process (the caller's default)."""
     if where.world <= 1:
@@ -138,7 +143,7 @@ def describe(num_processes: int, fsdp: bool) -> dict[str, Any]:
 # --- FSDP2 (accelerate's fully_shard) ------------------------------------------------------
 
 
-def is_fsdp(accelerator) -> bool:
+def is_fsdp(accelerator: Accelerator) -> bool:
     """Whether ``accelerator`` shards the model with FSDP (``accelerate launch
     --config_file configs/accelerate/fsdp2.yaml``)."""
     from accelerate.utils import DistributedType
@@ -146,7 +151,7 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def check_fsdp(accelerator, eval_every: int) -> None:
+def check_fsdp(accelerator: Accelerator, eval_every: int) -> None:
     """FSDP runs as FSDP2 only, and without in-training validation: decoding on the main
     process alone cannot gather the other processes' shards."""
     from kava.config import ConfigError
@@ -163,7 +168,7 @@ def check_fsdp(accelerator, eval_every: int) -> None:
         )
 
 
-def full_optimizer_state(model, optimizer) -> dict:
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer state of every shard, whole (what one process would hold), keyed by
     parameter name; a collective (every process calls it), complete on the main one."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -173,7 +178,9 @@ def full_optimizer_state(model, optimizer) -> dict:
     return get_optimizer_state_dict(model, inner, options=options)
 
 
-def load_full_optimizer_state(model, optimizer, state: dict) -> None:
+def load_full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
     """Inverse of ``full_optimizer_state``: every process takes its shards of ``state``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -183,20 +190,20 @@ def load_full_optimizer_state(model, optimizer, state: dict) -> None:
     )
 
 
-def full_value(x):
+def full_value(x: Any) -> Any:
     """A sharded (``DTensor``) result, e.g. FSDP's gradient norm, as a plain tensor."""
     from torch.distributed.tensor import DTensor
 
     return x.full_tensor() if isinstance(x, DTensor) else x
 
 
-def _fsdp_modules(model) -> list:
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def keep_gathered(model) -> None:
+def keep_gathered(model: nn.Module) -> None:
     """Keep each FSDP unit's weights gathered from its first pass of a micro-batch to the
     end of that micro-batch's backward (``reshard_micro_batch`` frees them).
 
@@ -210,7 +217,7 @@ def keep_gathered(model) -> None:
         m.set_reshard_after_backward(False, recurse=False)
 
 
-def reshard_micro_batch(model) -> None:
+def reshard_micro_batch(model: nn.Module) -> None:
     """Free the gathered weights after a micro-batch's backward (``keep_gathered``): the
     next forward gathers them again, after the optimizer step changed the shards."""
     for m in _fsdp_modules(model):
