@@ -27,6 +27,8 @@ def _init(self, *args, **kwargs):
             from accelerate.utils import FullyShardedDataParallelPlugin
 
             self.fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
+            if self.mixed_precision != "no":  # as accelerate's FSDP branch does on GPUs
+                self.fsdp_plugin.set_mixed_precision(self.mixed_precision)
 
 
 AcceleratorState.__init__ = _init
