@@ -18,7 +18,7 @@ in this process. fp32, LoRA dropout 0: the per-step losses must agree to roundin
 * ``kava eval`` on 2 processes writes byte-identical predictions and the same metrics;
 * FSDP2 (configs/accelerate/fsdp2.yaml, on CPU through tests/fsdp_on_cpu.py): the same
   losses and weights for KaVa with R-KV and for Coconut, whole tensors in the checkpoint
-  files, exact resume.
+  files, exact resume; with a bf16 base under bf16, the losses to bf16 rounding.
 """
 
 from __future__ import annotations
@@ -266,6 +266,7 @@ def fsdp_runs(runs):
     config = runs / "rkv-two.yaml"
     fsdp = runs / "fsdp"
     argv = ["train", str(config), "--no-progress"]
+    bf16 = ["--set", "model.dtype=bfloat16", "--set", "train.mixed_precision=bf16"]
     jobs = [
         {"argv": [*argv, "--output-dir", str(fsdp / "rkv")], "slow_check_rank": 1},
         {"copy": str(fsdp / "rkv"), "to": str(fsdp / "rkv-resumed")},
@@ -286,10 +287,21 @@ def fsdp_runs(runs):
         },
     ]
     (runs / "jobs-fsdp.json").write_text(json.dumps(jobs))
+    # bf16 in fresh processes: accelerate's state keeps the first run's mixed precision
+    bf16_jobs = [{"argv": [*argv, *bf16, "--output-dir", str(fsdp / "rkv-bf16")]}]
+    (runs / "jobs-fsdp-bf16.json").write_text(json.dumps(bf16_jobs))
+    one = [sys.executable, "-m", "kava", *argv, *bf16, "--output-dir", str(runs / "one-bf16")]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    subprocess.run(one, env=env, check=True, capture_output=True, timeout=300)
     config_file = REPO / "configs" / "accelerate" / "fsdp2.yaml"
     launch(
         REPO / "tests" / "dist_worker.py",
         [str(runs / "jobs-fsdp.json")],
+        extra=["--config_file", str(config_file)],
+    )
+    launch(
+        REPO / "tests" / "dist_worker.py",
+        [str(runs / "jobs-fsdp-bf16.json")],
         extra=["--config_file", str(config_file)],
     )
     return fsdp
@@ -300,6 +312,16 @@ def test_fsdp_gives_the_one_process_losses(runs, fsdp_runs):
     assert_same_weights(runs / "one" / "rkv" / "final", fsdp_runs / "rkv" / "final")
     manifest = json.loads((fsdp_runs / "rkv" / "manifest.json").read_text())
     assert manifest["parallel"] == {"processes": 2, "fsdp": True}
+
+
+def test_fsdp_bf16_agrees_with_one_process_within_bf16_rounding(runs, fsdp_runs):
+    """A bf16 base and fp32 LoRA, as on GPUs: FSDP2 computes in bf16 (its mixed-precision
+    policy), one process under bf16 autocast; the losses agree to bf16 rounding."""
+    one, two = read_log(runs / "one-bf16"), read_log(fsdp_runs / "rkv-bf16")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for k in ("loss", "student_ce", "teacher_ce"):
+            assert b[k] == pytest.approx(a[k], rel=1e-3), (k, a, b)
 
 
 def test_fsdp_refuses_validation_during_training(fsdp_runs):
