@@ -13,6 +13,7 @@ in this process. fp32, LoRA dropout 0: the per-step losses must agree to roundin
   global batch of 8, so each process accumulates 2 micro-batches (local j of rank r is
   global micro-batch 2j + r);
 * a data set smaller than the global batch (each step takes the whole epoch);
+* validation during training (``train.eval_every``) shared by the processes;
 * the main process does not write the run folder before a slow process checked it;
 * every process builds the same trainable tensors;
 * ``kava eval`` on 2 processes writes byte-identical predictions and the same metrics;
@@ -111,6 +112,10 @@ CONFIGS = {
     "random": dict(n_examples=17, max_steps=3, rkv={"method": "random"}, global_batch=8),
     # fewer examples than a global batch: 2 micro-batches (2 + 1 examples), one each
     "small": dict(n_examples=3, max_steps=2, global_batch=8),
+    # validation every step, its 5 questions in batches of 2 dealt over the processes
+    "val": dict(
+        n_examples=9, max_steps=2, train={"eval_every": 1, "eval_limit": 5}, eval={"batch_size": 2}
+    ),
 }
 
 
@@ -159,6 +164,7 @@ def runs(tmp_path_factory, model_dir):
         {"argv": ["train", str(two["coconut"]), "--no-progress"]},
         {"argv": ["train", str(two["random"]), "--no-progress"]},
         {"argv": ["train", str(two["small"]), "--no-progress"]},
+        {"argv": ["train", str(two["val"]), "--no-progress"]},
         {"init": str(two["rkv"]), "out": str(root / "init")},
         {
             "argv": [
@@ -207,6 +213,16 @@ def test_two_processes_give_the_one_process_losses(runs, name):
     one, two = runs / "one" / name, runs / "two" / name
     assert_same_losses(read_log(one), read_log(two))
     assert_same_weights(one / "final", two / "final")
+
+
+def test_validation_on_two_processes_matches_one(runs):
+    one, two = read_log(runs / "one" / "val"), read_log(runs / "two" / "val")
+    for a, b in zip(one, two):
+        assert (a["val_accuracy"], a["val_passes"]) == (b["val_accuracy"], b["val_passes"])
+    selection = "best/selection.json"
+    assert json.loads((runs / "one" / "val" / selection).read_text()) == json.loads(
+        (runs / "two" / "val" / selection).read_text()
+    )
 
 
 def test_resume_under_two_processes_is_exact(runs):

@@ -551,18 +551,21 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         accelerator.wait_for_everyone()
 
     def validate() -> dict[str, float]:
-        """Decode the validation split (main process); keep best/ when it is the most
+        """Decode the validation split, every process its share of the batches
+        (kava.parallel); keep best/ (written by the main process) when it is the most
         accurate so far. Returns the log fields."""
         nonlocal best
         from kava.evaluate import evaluate
 
         accelerator.wait_for_everyone()
-        fields: dict[str, float] = {}
-        if accelerator.is_main_process:
-            m = evaluate(backbone, val_cfg, val_examples, name="validation", progress=False)
-            fields = {"val_accuracy": m["accuracy"], "val_passes": m["mean_forward_passes"]}
-            if best is None or m["accuracy"] > best["accuracy"]:  # ties keep the earlier
-                best = {"step": step, "accuracy": m["accuracy"]}
+        where = parallel.Shard(rank, world)
+        m = evaluate(
+            backbone, val_cfg, val_examples, name="validation", progress=False, where=where
+        )
+        fields = {"val_accuracy": m["accuracy"], "val_passes": m["mean_forward_passes"]}
+        if best is None or m["accuracy"] > best["accuracy"]:  # ties keep the earlier
+            best = {"step": step, "accuracy": m["accuracy"]}
+            if accelerator.is_main_process:
                 selection = {
                     **best,
                     "metric": "accuracy",
@@ -575,7 +578,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 files = hub_files(selection)
                 files["extra_json"]["selection.json"] = selection
                 save_checkpoint(run_dir / "best", backbone, cfg, **files)
-            model.train()
+        model.train()
         accelerator.wait_for_everyone()
         return fields
 
