@@ -11,7 +11,9 @@ Everything that must come out the same for 1 and N processes is defined here on 
   global micro-batch)`` (``draw_seed``), not taken from a per-process stream;
 * evaluation deals whole decoding batches round-robin and gathers the predictions back
   into input order (``shard``, ``gather_in_order``), so every batch is decoded exactly
-  as one process decodes it.
+  as one process decodes it;
+* FSDP2: the checks, the layers kept gathered through a micro-batch (``keep_gathered``)
+  and the optimizer state gathered whole for the checkpoint files.
 """
 
 from __future__ import annotations
