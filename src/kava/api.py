@@ -33,6 +33,7 @@ from kava.evaluate import Prediction, load_eval_examples, make_generator, predic
 from kava.evaluate import evaluate as evaluate_examples
 from kava.inference import Generator
 from kava.methods import Method
+from kava.parallel import Shard
 
 log = logging.getLogger(__name__)
 
@@ -252,12 +253,14 @@ class LatentReasoner:
         out_dir: str | Path | None = None,
         progress: bool = False,
         return_predictions: bool = False,
+        where: Shard | None = None,
     ) -> dict[str, Any]:
         """Accuracy and forward passes (``kava.evaluate.evaluate``'s metrics dict) on a
         dataset (a name such as ``gsm8k``, a file, ``synthetic`` or a Hub id, as ``kava
         eval --datasets``) or on examples (``Example``s or ``{question, answer}``
         mappings); the first ``limit``. With ``out_dir``: ``metrics.json`` and
-        ``predictions.jsonl`` there."""
+        ``predictions.jsonl`` there. ``where``: this process's share of several
+        (``kava.parallel.current_shard``; ``kava eval`` under ``accelerate launch``)."""
         cfg = self._config(max_new_tokens)
         if isinstance(dataset_name_or_examples, str):
             name = dataset_name_or_examples
@@ -276,4 +279,5 @@ class LatentReasoner:
             progress=progress,
             return_predictions=return_predictions,
             generator=self._generator_for(),
+            where=where,
         )

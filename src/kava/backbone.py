@@ -362,6 +362,13 @@ class Backbone(nn.Module):
         (``layers.grouped_attention``, the default: generation and merged copies)."""
         self._copy_kv = enabled
 
+    def use_hf_layers(self, reason: str) -> None:
+        """Run every layer through its own module ``forward`` (HF's decoder loop), not
+        kava's layer pass: FSDP gathers a layer's sharded weights in hooks around its
+        ``forward``, which kava's pass (reading the weights directly) would bypass."""
+        self.fast = False
+        self.fast_path_blocker = reason
+
     def checkpoint_layers(self) -> None:
         """Recompute each decoder layer in backward (non-reentrant ``torch.utils.checkpoint``).
 

@@ -7,9 +7,10 @@ A checkpoint folder holds
   keyed by ``Backbone`` parameter names: the one file kava loads back;
 * ``adapter/``               — the LoRA adapter in peft format, for use outside kava;
 * ``tokenizer/``             — the tokenizer with kava's special tokens;
-* ``trainer_state.pt``       — optimizer, scheduler, eviction RNG and the step (the data
-  position), and ``rng_state_<rank>.pt`` per process (dropout RNG): what ``--resume``
-  needs; training checkpoints only;
+* ``trainer_state.pt``       — optimizer, scheduler, the step (the data position; random
+  eviction and curricula are seeded by it) and the process layout (``parallel``), and
+  ``rng_state_<rank>.pt`` per process (dropout RNG): what ``--resume`` needs; training
+  checkpoints only. Under FSDP the tensors are gathered whole before they are written;
 * ``README.md``, ``manifest.json`` — in ``final/`` and ``best/``: the model card
   (kava.card; ``eval_results.json`` beside it once ``kava eval`` ran) and the run's
   provenance (kava.manifest);
@@ -69,9 +70,29 @@ class CheckpointError(ValueError):
 
 
 def trainable_state(backbone: Backbone) -> dict[str, torch.Tensor]:
+    """Every trainable tensor, whole, on the CPU. Under FSDP the parameters are shards
+    (``DTensor``): they are gathered, a collective, so every process must call this."""
     return {
-        n: p.detach().cpu().contiguous() for n, p in backbone.named_parameters() if p.requires_grad
+        n: _full(p).detach().cpu().contiguous()
+        for n, p in backbone.named_parameters()
+        if p.requires_grad
     }
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
+def _as_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) laid out like ``param``: this process's shard of it
+    under FSDP (every process must call this), else ``value`` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return value
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
 
 
 def crash_point(phase: str) -> None:
@@ -124,13 +145,16 @@ def write_checkpoint_files(
     trainer_state: dict[str, Any] | None = None,
     extra_json: dict[str, Any] | None = None,
     extra_text: dict[str, str] | None = None,
+    trainable: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the files of one checkpoint into the staging folder ``tmp``.
 
     ``extra_json``: file name -> JSON-serialisable object (metadata that must never
     describe other weights, e.g. ``selection.json``, ``manifest.json``); ``extra_text``:
-    file name -> text, likewise (the model card ``README.md``)."""
-    state = trainable_state(backbone)
+    file name -> text, likewise (the model card ``README.md``). ``trainable``: the
+    trainable tensors already gathered (``trainable_state`` on every process, FSDP);
+    default: read from ``backbone``."""
+    state = trainable_state(backbone) if trainable is None else trainable
     bad = first_nonfinite(state)
     if bad is not None:  # never a checkpoint of diverged weights
         raise CheckpointError(
@@ -140,7 +164,11 @@ def write_checkpoint_files(
     crash_point("trainable")
     if cfg.lora.enabled:
         # new-token rows live in trainable.safetensors; no copy of the whole embedding matrix
-        backbone.lm.save_pretrained(tmp / "adapter", save_embedding_layers=False)
+        # (from the gathered tensors: under FSDP the model's own are shards)
+        lm_state = {n.removeprefix("lm."): v for n, v in state.items() if n.startswith("lm.")}
+        backbone.lm.save_pretrained(
+            tmp / "adapter", save_embedding_layers=False, state_dict=lm_state
+        )
     backbone.tokenizer.save_pretrained(tmp / "tokenizer")
     save_config(cfg, tmp / "config.yaml")
     if trainer_state is not None:
@@ -326,8 +354,8 @@ def apply_trainable(backbone: Backbone, state: dict[str, torch.Tensor], file: Pa
         raise CheckpointError(f"{file}: tensor {bad} holds NaN/inf values (a diverged run?)")
     params = dict(backbone.named_parameters())
     with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+        for name in sorted(state):  # one order on every process (FSDP: collectives)
+            params[name].copy_(_as_param(state[name], params[name]))
 
 
 def load_checkpoint(

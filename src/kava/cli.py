@@ -28,7 +28,9 @@ trains and evaluates the methods it is compared with, in the paper's order:
 
 Configs are YAML files of typed keys (see configs/ and kava/config.py); --set key=value
 overrides any key with dotted names, e.g. --set kv_loss.type=mse --set latent.num_iterations=3.
-Multi-GPU: accelerate launch -m kava train CONFIG (DDP; same code path as one process).
+Several GPUs: accelerate launch --config_file configs/accelerate/ddp.yaml (or fsdp2.yaml)
+--num_processes N -m kava train CONFIG; kava eval shards its batches the same way
+(README, "Several GPUs").
 """
 
 
@@ -241,34 +243,53 @@ EVAL_COLUMNS = [
 
 def cmd_eval(args) -> int:
     from kava.api import LatentReasoner
-    from kava.backbone import build_backbone, default_device
+    from kava.backbone import default_device
     from kava.config import load_config
     from kava.data import check_spec
+    from kava.evaluate import load_eval_examples
+    from kava.parallel import current_shard, main_first, process_device
+    from kava.train import init_backbone
 
     for name in args.datasets or []:
         check_spec(name)  # a mistyped name fails before the model is loaded
+    # under `accelerate launch`: each process decodes its share of the batches, the
+    # main one writes the files (kava.parallel); downloads and caches happen once
+    where = current_shard()
+    device = process_device(where) or default_device()
+    with main_first(where):
+        if args.checkpoint:
+            reasoner = LatentReasoner.from_pretrained(
+                args.checkpoint, device=device, overrides=args.overrides
+            )
+        else:
+            cfg = load_config(args.config, args.overrides)
+            # seeded (train.seed): every process decodes with the same untrained tensors
+            reasoner = LatentReasoner(init_backbone(cfg).to(device), cfg)
+        datasets = args.datasets or reasoner.config.eval.datasets
+        if where.world > 1:
+            for name in datasets:  # fill the dataset caches; evaluate loads them again
+                load_eval_examples(name, reasoner.config, args.limit)
     if args.checkpoint:
-        reasoner = LatentReasoner.from_pretrained(args.checkpoint, overrides=args.overrides)
         local = Path(args.checkpoint).is_dir()
         default_out = (
             reasoner.path / "eval" if local else Path("runs/eval") / _safe(args.checkpoint)
         )
         out = Path(args.out or default_out)
     else:
-        cfg = load_config(args.config, args.overrides)
-        reasoner = LatentReasoner(build_backbone(cfg).to(default_device()), cfg)
         out = Path(args.out or "runs/eval-untrained")
-    datasets = args.datasets or reasoner.config.eval.datasets
     results = [
         reasoner.evaluate(
             name,
             args.limit,
             batch_size=args.batch_size,
             out_dir=out / name.replace("/", "_"),
-            progress=not args.no_progress,
+            progress=not args.no_progress and where.is_main,
+            where=where,
         )
         for name in datasets
     ]
+    if not where.is_main:
+        return 0
     print_table(results, EVAL_COLUMNS)
     print(f"wrote {out}/<dataset>/metrics.json and predictions.jsonl")
     if args.checkpoint and local:

@@ -3,9 +3,10 @@
 iCoT and Coconut change their training sequences over training (kava.methods
 ``curriculum``); every other method trains on the same sequence throughout. A schedule
 here is a pure function of the optimizer step, and every random choice (iCoT's removal
-smoothing, Coconut's ``uniform_prob``) is drawn from a generator seeded by (seed, process,
-step, micro-batch), so ``--resume`` reproduces a curriculum exactly with nothing but the
-step in the trainer state, also across a stage boundary.
+smoothing, Coconut's ``uniform_prob``) is drawn from a generator seeded by (seed, step,
+micro-batch of the global batch; ``kava.parallel.draw_seed``), so ``--resume`` reproduces
+a curriculum exactly with nothing but the step in the trainer state, also across a stage
+boundary, and N processes draw what one process draws.
 
 * **iCoT** (Deng et al. 2024, official code da03/Internalize_CoT_Step_by_Step): CoT tokens
   are removed from the left, one more every ``round(steps_per_epoch / remove_per_epoch)``
@@ -34,6 +35,7 @@ import torch
 
 from kava.batching import Batch, CoconutBatch, Encoded, collate, collate_coconut, drop_cot_prefix
 from kava.config import CoconutConfig, IcotConfig, KavaConfig
+from kava.parallel import draw_seed
 from kava.tokens import SpecialIds
 
 SMOOTHING_SUPPORT = 100  # extra tokens an iCoT example may remove: 0 .. 99
@@ -105,9 +107,7 @@ class CurriculumBatch:
 class Curriculum:
     """Builds the batch of optimizer step ``step`` for ``cfg.method`` from encoded items."""
 
-    def __init__(
-        self, cfg: KavaConfig, steps_per_epoch: int, ids: SpecialIds, process_index: int = 0
-    ):
+    def __init__(self, cfg: KavaConfig, steps_per_epoch: int, ids: SpecialIds):
         self.kind = cfg.method_spec.curriculum
         self.objective = cfg.method_spec.objective
         self.cfg = cfg
@@ -115,7 +115,6 @@ class Curriculum:
         self.ids = ids
         self.bucket = cfg.train.bucket
         self.seed = cfg.train.seed
-        self.process_index = process_index
         self.smoothing = smoothing_distribution(cfg.icot.removal_smoothing_lambda)
 
     def value(self, step: int) -> float | None:
@@ -138,12 +137,13 @@ class Curriculum:
         return self.kind == "thought_stages" and self.cfg.coconut.reset_optimizer
 
     def _generator(self, step: int, micro: int) -> torch.Generator:
-        # one stream per (seed, process, step, micro-batch): nothing to save for resume
-        key = ((self.seed * 1_000_003 + self.process_index) * 1_000_003 + step) * 1_000_003
-        return torch.Generator().manual_seed((key + micro) % (2**63))
+        # one stream per (seed, step, global micro-batch): nothing to save for resume, and
+        # the same draws on 1 or N processes (kava.parallel)
+        return torch.Generator().manual_seed(draw_seed(self.seed, step, micro))
 
     def batch(self, items: Sequence[Encoded], step: int, micro: int = 0) -> CurriculumBatch:
-        """The batch of micro-batch ``micro`` of optimizer step ``step``."""
+        """The batch of micro-batch ``micro`` of optimizer step ``step``; ``micro`` indexes
+        the GLOBAL batch (``kava.parallel.global_micro``), not a process's share."""
         if self.kind == "token_removal":
             return self._icot(items, step, micro)
         if self.objective == "thoughts":

@@ -36,6 +36,7 @@ from kava.batching import encode, pad_rows
 from kava.config import KavaConfig
 from kava.data import Example
 from kava.inference import Generation, Generator
+from kava.parallel import Shard, gather_in_order, shard
 
 ANSWER_PROMPT = "The answer is:"
 TOLERANCE = 1e-4
@@ -187,6 +188,7 @@ def predict(
     generator: Generator | None = None,
     name: str = "predict",
     progress: bool = False,
+    where: Shard | None = None,
 ) -> list[Prediction]:
     """Greedy-decode every question the way the method answers; results in input order.
 
@@ -195,6 +197,10 @@ def predict(
     device of ``backbone.new_token_embeddings`` with ``generator`` (default:
     ``make_generator(backbone, cfg)``, built for this call); the previous train/eval mode
     of ``backbone`` is restored.
+
+    ``where`` (several processes, ``kava.parallel.current_shard``): this process decodes
+    every ``world``-th of those batches, exactly the rows and padding one process gives
+    them, and every process returns all predictions, gathered in input order.
     """
     n = len(questions)
     if n == 0:
@@ -204,6 +210,8 @@ def predict(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompts = question_prompts(backbone, cfg, questions)
     order = sorted(range(n), key=lambda i: len(prompts.rows[i]), reverse=True)
+    where = where or Shard()
+    batches = shard([order[lo : lo + batch_size] for lo in range(0, n, batch_size)], where)
     device = backbone.new_token_embeddings.device
     generator = generator or make_generator(backbone, cfg)
     # a merged copy holds every weight in one dtype; the unmerged model mixes bf16 frozen
@@ -213,28 +221,27 @@ def predict(
         if device.type == "cuda" and generator.bb is backbone
         else contextlib.nullcontext()
     )
-    out: list[Prediction | None] = [None] * n
+    local: list[tuple[int, Prediction]] = []  # (input index, prediction) of this process
     was_training = backbone.training
     backbone.eval()
     try:
         with (
             torch.no_grad(),
             autocast,
-            tqdm(total=n, desc=name, unit="q", disable=not progress) as bar,
+            tqdm(total=sum(map(len, batches)), desc=name, unit="q", disable=not progress) as bar,
         ):
-            for lo in range(0, n, batch_size):
-                idx = order[lo : lo + batch_size]
+            for idx in batches:
                 gen = generate(
                     generator, cfg, [prompts.rows[i] for i in idx], prompts.answer_prompt
                 )
                 for j, i in enumerate(idx):
                     text = gen.texts[j]
                     parsed = parse_prediction(text, cfg.method_spec.writes_cot, cfg.answer_prompt)
-                    out[i] = Prediction(text, parsed, gen.passes[j], len(gen.tokens[j]))
+                    local.append((i, Prediction(text, parsed, gen.passes[j], len(gen.tokens[j]))))
                 bar.update(len(idx))
     finally:
         backbone.train(was_training)
-    return out  # type: ignore[return-value]  # every index was filled
+    return gather_in_order(local, n, where)
 
 
 def evaluate(
@@ -248,6 +255,7 @@ def evaluate(
     progress: bool = True,
     return_predictions: bool = False,
     generator: Generator | None = None,
+    where: Shard | None = None,
 ) -> dict[str, Any]:
     """Greedy-decode every example (``predict``) and score it; return (and optionally
     write) the metrics.
@@ -260,6 +268,9 @@ def evaluate(
     in input order: index, question, gold, prediction, parsed, correct, passes,
     generated_tokens). ``return_predictions=True`` adds those records to the returned
     dict under ``"predictions"`` (never to ``metrics.json``).
+
+    ``where``: decode on several processes (``predict``); every process returns the
+    metrics of all examples, only the main one writes the files.
     """
     n = len(examples)
     if n == 0:
@@ -273,6 +284,7 @@ def evaluate(
         generator=generator,
         name=name,
         progress=progress,
+        where=where,
     )
     seconds = time.perf_counter() - start
     records = [
@@ -301,7 +313,7 @@ def evaluate(
         "seconds": seconds,
         "questions_per_second": n / max(seconds, 1e-9),
     }
-    if out_dir is not None:
+    if out_dir is not None and (where is None or where.is_main):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

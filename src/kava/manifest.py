@@ -6,8 +6,8 @@ and copied into ``final/`` and ``best/``. Schema::
     kava_version, git_commit (null outside a git checkout), git_dirty (null likewise),
     command (sys.argv), config_sha256 (of the resolved config), packages {torch,
     transformers, peft, accelerate, safetensors, huggingface_hub, datasets: version or
-    null}, python, platform, device {type, name, count}, started_at, finished_at (ISO
-    8601 UTC; null while running), previous (the manifests of the runs a --resume
+    null}, python, platform, device {type, name, count}, parallel {processes, fsdp}
+    (training runs), started_at, finished_at (ISO 8601 UTC; null while running), previous (the manifests of the runs a --resume
     continued, oldest first)
 """
 
@@ -91,12 +91,16 @@ def device_info(device_type: str, count: int) -> dict[str, Any]:
 
 
 def build_manifest(
-    cfg: KavaConfig, device: dict[str, Any], argv: list[str] | None = None
+    cfg: KavaConfig,
+    device: dict[str, Any],
+    argv: list[str] | None = None,
+    parallel: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``parallel``: the process layout of a training run (``kava.parallel.describe``)."""
     from kava import __version__
 
     commit, dirty = git_state()
-    return {
+    manifest = {
         "kava_version": __version__,
         "git_commit": commit,
         "git_dirty": dirty,
@@ -109,6 +113,9 @@ def build_manifest(
         "started_at": utc_now(),
         "finished_at": None,
     }
+    if parallel is not None:
+        manifest["parallel"] = parallel
+    return manifest
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
@@ -132,11 +139,15 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
 
 
 def start_manifest(
-    run_dir: str | Path, cfg: KavaConfig, device: dict[str, Any], resume: bool
+    run_dir: str | Path,
+    cfg: KavaConfig,
+    device: dict[str, Any],
+    resume: bool,
+    parallel: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the run's manifest at train start; a resumed run keeps the manifests of the
     runs it continues under ``previous``."""
-    manifest = build_manifest(cfg, device)
+    manifest = build_manifest(cfg, device, parallel=parallel)
     old = read_manifest(run_dir) if resume else None
     if old is not None:
         manifest["previous"] = [*old.pop("previous", []), old]

@@ -23,6 +23,7 @@ from kava.batching import Batch, CoconutBatch, StudentBatch, TeacherBatch
 from kava.coconut import coconut_forward
 from kava.config import KavaConfig
 from kava.kv import KV, KVCache, stack_kv
+from kava.parallel import draw_seed
 from kava.tokens import IGNORE
 
 
@@ -252,7 +253,16 @@ class KavaModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
+        # what accelerate's FSDP auto-wrap shards one by one (the decoder layer class)
+        self._no_split_modules = getattr(backbone.lm, "_no_split_modules", None)
+        # random eviction (rkv.method random); the trainer reseeds it per micro-batch
         self.generator = torch.Generator().manual_seed(cfg.rkv.seed)
+
+    def seed_draws(self, step: int, micro: int) -> None:
+        """Seed the random eviction of global micro-batch ``micro`` of optimizer ``step``
+        (``kava.parallel.draw_seed``): the same draws on 1 or N processes and after
+        ``--resume``, with no generator state to save."""
+        self.generator = torch.Generator().manual_seed(draw_seed(self.cfg.rkv.seed, step, micro))
 
     def forward(self, batch: Batch | CoconutBatch) -> LossOutput:
         objective = self.cfg.method_spec.objective

@@ -1,4 +1,5 @@
-"""Training loop (accelerate): one code path for a CPU process, one GPU, or DDP.
+"""Training loop (accelerate): one code path for a CPU process, one GPU, DDP or FSDP2
+(what is the same for 1 and N processes: kava.parallel).
 
 ``train(cfg)`` writes into ``cfg.train.output_dir``:
 
@@ -32,11 +33,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from kava import parallel
 from kava.backbone import Backbone, build_backbone
 from kava.batching import CoconutBatch, Encoded, encode, encode_steps
 from kava.card import CARD, model_card
 from kava.checkpoint import (
     TRAINABLE,
+    CheckpointError,
     apply_trainable,
     clean_staging,
     commit_checkpoint,
@@ -50,6 +53,7 @@ from kava.checkpoint import (
     set_rng_state,
     staging_path,
     start_staging,
+    trainable_state,
     write_checkpoint_files,
     write_rank_state,
 )
@@ -199,6 +203,14 @@ def validation_config(cfg: KavaConfig) -> KavaConfig:
     return val
 
 
+def init_backbone(cfg: KavaConfig) -> Backbone:
+    """``build_backbone`` with the global RNG seeded from ``train.seed`` first: every
+    process draws the same initial LoRA / projection tensors (FSDP does not broadcast
+    them from rank 0 as DDP does)."""
+    torch.manual_seed(cfg.train.seed)
+    return build_backbone(cfg)
+
+
 def _mixed_precision(cfg: KavaConfig) -> str:
     mp = cfg.train.mixed_precision
     if mp == "auto":
@@ -326,16 +338,21 @@ def tracked_values(rec: dict) -> dict:
 def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train ``cfg`` and return the path of the final checkpoint."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     t = cfg.train
     run_dir = Path(t.output_dir)
     log_with = trackers(cfg, run_dir)
     accelerator = Accelerator(
-        mixed_precision=_mixed_precision(cfg), log_with=log_with or None, project_dir=str(run_dir)
+        mixed_precision=_mixed_precision(cfg),
+        log_with=log_with or None,
+        project_dir=str(run_dir),
+        # no example repeated to even out the processes' shares: the epoch's micro-batches
+        # are dealt as they are, and every step takes whole global batches (parallel)
+        dataloader_config=DataLoaderConfiguration(even_batches=False),
     )
-    world = accelerator.num_processes
+    world, rank = accelerator.num_processes, accelerator.process_index
     accum = max(1, t.global_batch_size // (t.micro_batch_size * world))
     if accum * t.micro_batch_size * world != t.global_batch_size:
         log.warning(
@@ -345,17 +362,28 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             world,
             accum * t.micro_batch_size * world,
         )
-    set_seed(t.seed, device_specific=True)  # each process its own dropout stream
-    # before anything is loaded or written: a refused run leaves the folder untouched
+    set_seed(t.seed)  # the same on every process: identical trainable tensors (init_backbone)
+    # before anything is loaded or written: a refused run leaves the folder untouched;
+    # every process checks before the main one may write (else a slower one would find
+    # the main one's config.yaml and refuse)
     changes = check_resume(run_dir, cfg) if resume else check_fresh(run_dir)
     check_spec(cfg.data.train)  # a mistyped dataset fails now, not after a Hub round trip
     if t.eval_every:
         check_spec(t.eval_dataset)
+    accelerator.wait_for_everyone()
 
-    backbone = build_backbone(cfg)
+    # the main process converts / downloads / caches the model and data first
+    with accelerator.main_process_first():
+        backbone = init_backbone(cfg)
+        examples = load_train_examples(cfg)
+    if rank > 0:  # each other process its own dropout stream; rank 0 goes on as 1 process
+        set_seed(t.seed, device_specific=True)
+    fsdp = parallel.is_fsdp(accelerator)
+    if fsdp:
+        parallel.check_fsdp(accelerator, t.eval_every)
+        backbone.use_hf_layers("FSDP: each layer gathers its weights in its own forward")
     apply_speed_options(backbone, cfg, accelerator.device)
     model = KavaModel(backbone, cfg)
-    examples = load_train_examples(cfg)
     without_cot = check_cot(examples, cfg)
     data = encode_examples(examples, backbone, cfg)
     val_examples = load_validation_examples(cfg)
@@ -384,6 +412,8 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         fused=accelerator.device.type == "cuda",
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:
+        parallel.keep_gathered(model)
 
     def loader(epoch: int) -> DataLoader:
         g = torch.Generator().manual_seed(t.seed + epoch)
@@ -400,23 +430,31 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         )
         return accelerator.prepare_data_loader(dl)
 
-    batches_per_epoch = len(loader(0))
-    if batches_per_epoch < accum:  # a data set smaller than the global batch
+    # counted on the whole data set, not on this process's share of it (kava.parallel)
+    batches_per_epoch = math.ceil(len(data.items) / t.micro_batch_size)
+    if batches_per_epoch < accum * world:  # a data set smaller than the global batch
+        if batches_per_epoch < world:
+            raise ConfigError(
+                f"train.micro_batch_size: {len(data.items)} examples make {batches_per_epoch} "
+                f"micro-batches of {t.micro_batch_size}, fewer than the {world} processes; "
+                "lower train.micro_batch_size or use fewer processes"
+            )
         log.warning(
             "an epoch has %d micro-batches, fewer than the %d of a global batch: "
             "each optimizer step uses the whole epoch",
             batches_per_epoch,
-            accum,
+            accum * world,
         )
-        accum = batches_per_epoch
-    steps_per_epoch = batches_per_epoch // accum
+        accum = batches_per_epoch // world
+    steps_per_epoch = parallel.steps_per_epoch(len(data.items), t.micro_batch_size, accum, world)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = int(t.warmup_ratio * total_steps)
     if t.lr_schedule == "cosine":
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     else:
         scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-    curriculum = Curriculum(cfg, steps_per_epoch, backbone.ids, accelerator.process_index)
+    curriculum = Curriculum(cfg, steps_per_epoch, backbone.ids)
+    layout = parallel.describe(world, fsdp=fsdp)
 
     step = 0
     best: dict | None = None  # {"step", "accuracy"} of best/ so far (train.eval_every)
@@ -434,10 +472,19 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         ckpt = resumed.path
         apply_trainable(backbone, resumed.trainable, ckpt / TRAINABLE)
         state = resumed.trainer
-        optimizer.load_state_dict(state["optimizer"])
+        saved_fsdp = state.get("parallel", {}).get("fsdp", False)
+        if saved_fsdp != fsdp:  # the optimizer state is laid out per parameter name under FSDP
+            raise CheckpointError(
+                f"{ckpt}: saved {'with' if saved_fsdp else 'without'} FSDP, resumed "
+                f"{'with' if fsdp else 'without'}: resume with the accelerate config it was "
+                "saved with"
+            )
+        if fsdp:  # saved whole (parallel.full_optimizer_state); each process its shards
+            parallel.load_full_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(resumed.rank["rng"])
-        accelerator.unwrap_model(model).generator.set_state(resumed.rank["eviction_rng"])
         step = state["step"]
         best = state.get("best")
         skipped_steps = state.get("skipped_steps", 0)
@@ -449,7 +496,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
 
     if accelerator.is_main_process:
         device = device_info(accelerator.device.type, accelerator.num_processes)
-        manifest = start_manifest(run_dir, cfg, device, resume)
+        manifest = start_manifest(run_dir, cfg, device, resume, parallel=layout)
     if log_with:
         accelerator.init_trackers(
             "kava", config=tracker_config(cfg), init_kwargs={"wandb": {"name": run_dir.name}}
@@ -473,26 +520,31 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         ``extra``: ``extra_json`` / ``extra_text`` files (``hub_files``)."""
         accelerator.wait_for_everyone()
         tmp = staging_path(path)
+        # under FSDP every process takes part in gathering the whole tensors (collectives);
+        # the files hold them whole, as from one process
+        trainable = trainable_state(backbone) if fsdp else None
+        optim = None
+        if with_state:
+            optim = (
+                parallel.full_optimizer_state(model, optimizer) if fsdp else optimizer.state_dict()
+            )
         if accelerator.is_main_process:
             start_staging(path)
             state = None
             if with_state:
                 state = {
                     "step": step,
-                    "optimizer": optimizer.state_dict(),
+                    "optimizer": optim,
                     "scheduler": scheduler.state_dict(),
                     "best": best,
                     "skipped_steps": skipped_steps,
                     "consecutive_skips": consecutive_skips,
+                    "parallel": layout,
                 }
-            write_checkpoint_files(tmp, backbone, cfg, state, **extra)
+            write_checkpoint_files(tmp, backbone, cfg, state, trainable=trainable, **extra)
         accelerator.wait_for_everyone()
         if with_state:  # every process has its own RNG stream (dropout); each saves its own
-            ranks_rng = {
-                "rng": rng_state(),
-                "eviction_rng": accelerator.unwrap_model(model).generator.get_state(),
-            }
-            write_rank_state(tmp, rank_state_name(accelerator.process_index), ranks_rng)
+            write_rank_state(tmp, rank_state_name(rank), {"rng": rng_state()})
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             commit_checkpoint(tmp, path)
@@ -501,18 +553,21 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         accelerator.wait_for_everyone()
 
     def validate() -> dict[str, float]:
-        """Decode the validation split (main process); keep best/ when it is the most
+        """Decode the validation split, every process its share of the batches
+        (kava.parallel); keep best/ (written by the main process) when it is the most
         accurate so far. Returns the log fields."""
         nonlocal best
         from kava.evaluate import evaluate
 
         accelerator.wait_for_everyone()
-        fields: dict[str, float] = {}
-        if accelerator.is_main_process:
-            m = evaluate(backbone, val_cfg, val_examples, name="validation", progress=False)
-            fields = {"val_accuracy": m["accuracy"], "val_passes": m["mean_forward_passes"]}
-            if best is None or m["accuracy"] > best["accuracy"]:  # ties keep the earlier
-                best = {"step": step, "accuracy": m["accuracy"]}
+        where = parallel.Shard(rank, world)
+        m = evaluate(
+            backbone, val_cfg, val_examples, name="validation", progress=False, where=where
+        )
+        fields = {"val_accuracy": m["accuracy"], "val_passes": m["mean_forward_passes"]}
+        if best is None or m["accuracy"] > best["accuracy"]:  # ties keep the earlier
+            best = {"step": step, "accuracy": m["accuracy"]}
+            if accelerator.is_main_process:
                 selection = {
                     **best,
                     "metric": "accuracy",
@@ -525,7 +580,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 files = hub_files(selection)
                 files["extra_json"]["selection.json"] = selection
                 save_checkpoint(run_dir / "best", backbone, cfg, **files)
-            model.train()
+        model.train()
         accelerator.wait_for_everyone()
         return fields
 
@@ -537,6 +592,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
         step_bad: torch.Tensor | None = None  # which loss terms were non-finite in this step
         window_nonfinite: list[str] = []  # terms non-finite in steps skipped since the last line
         n_micro, step_micro, tokens, exhausted, t0 = 0, 0, 0, 0, time.perf_counter()
+        n_examples = 0  # examples this process trained on since the last log line
         while step < total_steps:
             epoch, done_in_epoch = divmod(step, steps_per_epoch)
             dl = loader(epoch)
@@ -546,14 +602,18 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
             for i, items in enumerate(dl, start=skip):
                 if i >= steps_per_epoch * accum:
                     break  # leftover micro-batches that do not fill an optimizer step
-                built = curriculum.batch(items, step, i % accum)
+                micro = parallel.global_micro(i % accum, rank, world)  # in the global batch
+                built = curriculum.batch(items, step, micro)
                 batch = built.batch.to(accelerator.device)
+                accelerator.unwrap_model(model).seed_draws(step, micro)
                 exhausted += built.cot_exhausted
                 sync = (i + 1) % accum == 0
                 ctx = accelerator.no_sync(model) if not sync else torch.enable_grad()
                 with ctx:
                     out = model(batch)
                     accelerator.backward(out.total / accum)
+                if fsdp:
+                    parallel.reshard_micro_batch(model)
                 for k, v in out.metrics.items():
                     step_sums[k] = step_sums[k] + v if k in step_sums else v
                 bad = nonfinite_flags(torch.stack(list(out.metrics.values())))
@@ -561,12 +621,14 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                 del out  # teacher capture, latent KV, compressed KV: free before the next forward
                 step_micro += 1
                 tokens += batch_tokens(batch, cfg)
+                n_examples += len(items)
                 if not sync:
                     continue
                 # the norm is computed without clipping too (max_norm=inf scales by exactly 1)
                 grad_norm = accelerator.clip_grad_norm_(
                     backbone.trainable_parameters(), t.grad_clip if t.grad_clip > 0 else math.inf
                 )
+                grad_norm = parallel.full_value(grad_norm)  # FSDP: a DTensor
                 lr = scheduler.get_last_lr()[0]  # the lr this step used
                 names = [*step_sums, "grad_norm"]
                 bad_parts, stopping = step_decision(
@@ -613,11 +675,15 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                             torch.stack(list(sums.values())) / n_micro, reduction="mean"
                         )
                         rec.update(zip(sums, means.tolist()))
+                    # throughput of all processes: their counts summed
+                    counts = torch.tensor([tokens, n_examples], device=accelerator.device)
+                    all_tokens, all_examples = accelerator.reduce(counts, reduction="sum").tolist()
                     rec.update(
                         step=step,
                         epoch=round(step / steps_per_epoch, 4),
                         lr=lr,
-                        tokens_per_s=tokens * world / max(elapsed, 1e-9),
+                        tokens_per_s=all_tokens / max(elapsed, 1e-9),
+                        examples_per_s=all_examples / max(elapsed, 1e-9),
                         grad_norm=float(grad_norm),
                         skipped_steps=skipped_steps,
                         **val_fields,
@@ -648,6 +714,7 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
                         }
                     )
                     sums, n_micro, tokens, exhausted, t0 = {}, 0, 0, 0, time.perf_counter()
+                    n_examples = 0
                     window_nonfinite = []
                 bar.update(1)
                 saving = t.save_every and step % t.save_every == 0
