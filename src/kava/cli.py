@@ -323,10 +323,10 @@ DEMO_MARKER = "KAVA_DEMO_RUN"
 
 
 def cmd_demo(args) -> int:
-    from kava.backbone import build_backbone, default_device
+    from kava.backbone import default_device
     from kava.config import load_config
     from kava.evaluate import run_eval
-    from kava.train import train
+    from kava.train import init_backbone, train
 
     config = args.config or "demo"
     out = Path(args.out)
@@ -343,7 +343,9 @@ def cmd_demo(args) -> int:
     print(
         f"[demo] untrained {cfg.model.name_or_path}: latent inference (M={cfg.latent.num_latents}, T={cfg.latent.num_iterations})"
     )
-    base = build_backbone(cfg).to(default_device())
+    # seeded from train.seed: the untrained row's new-token rows and projection are drawn
+    # the same on every run (they were drawn from whatever the global RNG held)
+    base = init_backbone(cfg).to(default_device())
     rows = []
     (untrained,) = run_eval(
         base, cfg, cfg.eval.datasets[:1], out / "eval-untrained", progress=progress
