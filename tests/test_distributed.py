@@ -292,6 +292,13 @@ def fsdp_runs(runs):
             "argv": [*argv, "--output-dir", str(fsdp / "refused"), "--set", "train.eval_every=2"],
             "expect_rc": 2,
         },
+        # a DDP run resumed under FSDP: refused (its optimizer state is laid out per rank)
+        {"copy": str(runs / "two" / "rkv"), "to": str(fsdp / "from-ddp")},
+        {"rm": str(fsdp / "from-ddp" / "final")},
+        {
+            "argv": [*argv, "--resume", "--output-dir", str(fsdp / "from-ddp")],
+            "expect_rc": 2,
+        },
         {
             "argv": [
                 "train",
@@ -343,6 +350,15 @@ def test_fsdp_bf16_agrees_with_one_process_within_bf16_rounding(runs, fsdp_runs)
 def test_fsdp_refuses_validation_during_training(fsdp_runs):
     refused = fsdp_runs / "refused"  # exit code 2 on both processes, nothing written
     assert not refused.exists() or not any(refused.iterdir())
+
+
+def test_fsdp_refuses_to_resume_a_ddp_run(runs, fsdp_runs):
+    """Resuming a DDP checkpoint under FSDP exits 2 and leaves the run as it was."""
+    ddp, refused = runs / "two" / "rkv", fsdp_runs / "from-ddp"
+    assert (refused / "log.jsonl").read_text() == (ddp / "log.jsonl").read_text()
+    ckpts = sorted(p.name for p in (refused / "checkpoints").iterdir())
+    assert ckpts == sorted(p.name for p in (ddp / "checkpoints").iterdir())
+    assert not (refused / "final").exists()
 
 
 def test_fsdp_coconut_gives_the_one_process_losses(runs, fsdp_runs):
