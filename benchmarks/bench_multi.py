@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import bench_kava as bk  # noqa: E402
+
+from kava import parallel  # noqa: E402
 
 # Llama-3.1-8B's shape (untied lm_head), for the memory section; the others are bench_kava's
 ARCHS = {
@@ -74,12 +75,6 @@ SHIM_ENV = "KAVA_BENCH_FSDP_ON_CPU"  # the worker imports tests/fsdp_on_cpu.py
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the worker: one process of a launched run ----------------------------------------------
@@ -109,30 +104,19 @@ def launcher(n: int, mode: str, smoke: bool) -> tuple[list[str], dict[str, str]]
     (``single``, ``ddp``, ``fsdp``)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    options: list[str] = []
     if mode == "fsdp":
-        cmd += ["--config_file", str(REPO / "configs" / "accelerate" / "fsdp2.yaml")]
+        options = ["--config_file", str(REPO / "configs" / "accelerate" / "fsdp2.yaml")]
         if smoke:
             env[SHIM_ENV] = "1"
     elif mode == "ddp" and not smoke:
-        cmd += ["--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml")]
+        options = ["--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml")]
     elif mode == "ddp":
-        cmd += ["--multi_gpu"]  # on CPU: N gloo processes (--cpu would start one)
+        options = ["--multi_gpu"]  # on CPU: N gloo processes (--cpu would start one)
     if smoke:
         env["ACCELERATE_USE_CPU"] = "1"
         env["OMP_NUM_THREADS"] = "1"
-    cmd += [
-        "--num_processes",
-        str(n),
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    cmd = parallel.local_launch(n, *options)
     return cmd, env
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,15 +36,10 @@ from safetensors.torch import load_file
 
 from conftest import tiny_lm, tiny_run_config
 from kava.cli import main
+from kava.parallel import local_launch
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = ("loss", "student_ce", "teacher_ce", "codi_loss", "kv_loss", "grad_norm", "lr")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(script: Path, args: list[str], n: int = 2, timeout: int = 300, extra: list[str] = ()):
@@ -56,24 +50,8 @@ def launch(script: Path, args: list[str], n: int = 2, timeout: int = 300, extra:
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]),
         "OMP_NUM_THREADS": "1",
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *(extra or ["--multi_gpu"]),  # a config file names the distributed type itself
-        "--num_processes",
-        str(n),
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(script),
-        *args,
-    ]
+    # a config file names the distributed type itself
+    cmd = [*local_launch(n, *(extra or ["--multi_gpu"])), str(script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -51,6 +53,32 @@ def launched_world() -> int:
     """The process count of an ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE``), 1
     otherwise: a plain ``kava`` call starts no process group."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_launch(processes: int, *options: str) -> list[str]:
+    """``accelerate launch`` of ``processes`` processes on this machine, up to the script
+    (append it and its arguments): ``options`` such as ``--multi_gpu`` or ``--config_file
+    FILE``, a free rendezvous port, and mixed precision and dynamo off at the launcher
+    because kava's config sets them (``train.mixed_precision``, ``train.compile``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *options,
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
 
 
 def process_state() -> PartialState:
