@@ -30,6 +30,17 @@ EXAMPLES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``): tiny models run fastest so, immune to a busy CPU, and CPU kernels
+    are bit-reproducible run to run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     source, _ = resolve_model_source(ModelConfig())

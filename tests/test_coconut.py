@@ -27,12 +27,7 @@ from kava.model import KavaModel
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def items(bb, examples=EXAMPLES):

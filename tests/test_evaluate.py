@@ -44,13 +44,7 @@ MAX_NEW, COT_MAX_NEW = 5, 9
 INIT_RANGE = 0.3  # random models whose outputs depend on the question
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest, and immune to a busy CPU (oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def config(method: str, merge_lora: bool = True):

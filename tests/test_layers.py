@@ -26,12 +26,7 @@ from kava.model import KavaModel, student_forward, teacher_forward
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def cfg(**over):
