@@ -3,7 +3,8 @@
 # call each (../shared/DEVICE.md). From the repository root on the device machine:
 #   stage1            copy the first half of the staged GGUF and the gguf wheel
 #   start K SECONDS   join the GGUF, launch K workers in the background (setsid), return
-#                     SECONDS after the call began (<= 540: the device cuts a call at 600)
+#                     SECONDS after the call began (<= 540: the device cuts a call at 600);
+#                     K may exceed what fits: each worker starts when MEM_GIB are free
 #   wait SECONDS      wait (the workers go on while the machine stays warm), then pack;
 #                     make each call at once after the last: an idle machine goes in ~30 s
 # Runs finished in earlier sessions (results/smollm2-gsm8k/<spec>/runs) are copied in first
@@ -14,6 +15,9 @@ set -uo pipefail
 EXP=/tmp/exp
 SITE=/tmp/site
 SPECS=${SPECS:-"eq controls nl"}  # e.g. SPECS=eq: one table first
+MEM_GIB=${MEM_GIB:-22}   # free GPU memory a worker waits for before it starts a shard
+STAGGER=${STAGGER:-60}   # seconds between two workers' starts (their memory grows meanwhile)
+ATTEMPTS=${ATTEMPTS:-3}  # tries per shard and spec (a run that failed resumes)
 REPO=/tmp/repo  # src, configs, specs and data copied here: later calls replace the tree
 export PYTHONPATH=$REPO/src:$SITE KAVA_DATA_DIR=$REPO/data PYTHONUNBUFFERED=1
 # 7 processes share the GPU: segments that grow avoid fragmenting its memory
@@ -50,7 +54,7 @@ start)
   # runs finished in earlier sessions (committed, DONE.json without weights) are skipped
   for s in $SPECS; do [ -d "results/smollm2-gsm8k/$s" ] && cp -r "results/smollm2-gsm8k/$s" "$EXP/"; done
   for ((i = 0; i < K; i++)); do
-    setsid bash -c "cd $REPO; for s in $SPECS; do OMP_NUM_THREADS=2 python3 -m kava.cli experiment results/smollm2-gsm8k/\$s.yaml --shard $i/$K --output-dir $EXP/\$s --no-progress; done" >"$EXP/logs/w$i.log" 2>&1 </dev/null &
+    setsid bash "$0" worker "$i" "$K" >"$EXP/logs/w$i.log" 2>&1 </dev/null &
   done
   # GPU use every 30 s, to size K (processes sharing the GPU) next time
   setsid bash -c "while sleep 30; do nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader; done" >"$EXP/logs/gpu-trace.csv" 2>&1 </dev/null &
@@ -62,4 +66,25 @@ start)
   sleep $(($3 > SECONDS ? $3 - SECONDS : 0)); pack ;;
 wait)
   sleep "$2"; pack ;;
+worker)  # worker I K: shard I of K of every spec, each run started when the GPU has room
+  i=$2 K=$3
+  cd "$REPO" || exit 1
+  exec 9>"$EXP/logs/start.lock"
+  for s in $SPECS; do
+    for attempt in $(seq "$ATTEMPTS"); do
+      # one worker at a time waits for MEM_GIB free, starts, and holds the lock for up to
+      # STAGGER s while its memory grows: 10 started at once ran out of memory on
+      # 2026-12-04 (14-19 GiB each). A run killed by it resumes from its last checkpoint.
+      flock 9
+      until [ "$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -1)" -ge $((MEM_GIB * 1024)) ]; do sleep 10; done
+      echo "$(date -u +%T) w$i $s attempt $attempt" >>"$EXP/logs/starts.log"
+      OMP_NUM_THREADS=2 python3 -m kava.cli experiment "results/smollm2-gsm8k/$s.yaml" \
+        --shard "$i/$K" --output-dir "$EXP/$s" --no-progress 9>&- &
+      pid=$!
+      for ((t = 0; t < STAGGER; t++)); do kill -0 $pid 2>/dev/null || break; sleep 1; done
+      flock -u 9
+      wait $pid && break
+      echo "w$i: $s attempt $attempt failed"; sleep 30
+    done
+  done ;;
 esac
