@@ -47,7 +47,9 @@ def tokenizer():
     return load_tokenizer(source)
 
 
-def tiny_lm(arch: str, vocab: int, seed: int = 0, init_range: float = 0.02):
+def tiny_lm(arch: str, vocab: int, seed: int = 0, init_range: float = 0.02, **config):
+    """A tiny random Llama (tied embeddings) or Qwen2 (untied); ``config`` overrides keys
+    of its HF config (e.g. ``tie_word_embeddings=False``)."""
     torch.manual_seed(seed)
     common = dict(
         vocab_size=vocab,
@@ -60,9 +62,9 @@ def tiny_lm(arch: str, vocab: int, seed: int = 0, init_range: float = 0.02):
         initializer_range=init_range,
     )
     if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
+        return LlamaForCausalLM(LlamaConfig(**{"tie_word_embeddings": True, **common, **config}))
     if arch == "qwen2":  # untied, qkv bias, like Qwen2.5
-        return Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **common))
+        return Qwen2ForCausalLM(Qwen2Config(**{"tie_word_embeddings": False, **common, **config}))
     raise ValueError(arch)
 
 
