@@ -99,6 +99,19 @@ def make_backbone(tokenizer):
     return make
 
 
+def train_steps(model, batch, opt, steps: int = 30) -> list[dict]:
+    """``steps`` optimizer steps of a ``KavaModel`` on one fixed ``batch``; the loss
+    terms of each step (``history[0]``: before any update)."""
+    history = []
+    for _ in range(steps):
+        out = model(batch)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        history.append(out.terms)
+    return history
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama (GQA) saved as a regular local HF folder, with the SmolLM2 tokenizer."""
