@@ -47,7 +47,9 @@ def tokenizer():
     return load_tokenizer(source)
 
 
-def tiny_lm(arch: str, vocab: int, seed: int = 0, init_range: float = 0.02):
+def tiny_lm(arch: str, vocab: int, seed: int = 0, init_range: float = 0.02, **config):
+    """A tiny random Llama (tied embeddings) or Qwen2 (untied); ``config`` overrides keys
+    of its HF config (e.g. ``tie_word_embeddings=False``)."""
     torch.manual_seed(seed)
     common = dict(
         vocab_size=vocab,
@@ -60,10 +62,24 @@ def tiny_lm(arch: str, vocab: int, seed: int = 0, init_range: float = 0.02):
         initializer_range=init_range,
     )
     if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
+        return LlamaForCausalLM(LlamaConfig(**{"tie_word_embeddings": True, **common, **config}))
     if arch == "qwen2":  # untied, qkv bias, like Qwen2.5
-        return Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **common))
+        return Qwen2ForCausalLM(Qwen2Config(**{"tie_word_embeddings": False, **common, **config}))
     raise ValueError(arch)
+
+
+def base_tokenizer(tokenizer):
+    """The SmolLM2 tokenizer as a base model ships it: without kava's tokens."""
+    return type(tokenizer).from_pretrained(tokenizer.name_or_path)
+
+
+def save_tiny_model(path: Path, tokenizer, init_range: float = 0.3) -> Path:
+    """A tiny random Llama (GQA) saved at ``path`` as a regular local HF folder, with the
+    SmolLM2 tokenizer (without kava's tokens); returns ``path``."""
+    base_tok = base_tokenizer(tokenizer)
+    tiny_lm("llama", len(base_tok), init_range=init_range).save_pretrained(path)
+    base_tok.save_pretrained(path)
+    return path
 
 
 @pytest.fixture
@@ -83,14 +99,23 @@ def make_backbone(tokenizer):
     return make
 
 
+def train_steps(model, batch, opt, steps: int = 30) -> list[dict]:
+    """``steps`` optimizer steps of a ``KavaModel`` on one fixed ``batch``; the loss
+    terms of each step (``history[0]``: before any update)."""
+    history = []
+    for _ in range(steps):
+        out = model(batch)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        history.append(out.terms)
+    return history
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama (GQA) saved as a regular local HF folder, with the SmolLM2 tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    base_tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)  # without kava's tokens
-    tiny_lm("llama", len(base_tok), init_range=0.3).save_pretrained(path)
-    base_tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 def tiny_run_config(model_dir, output_dir, **sections) -> dict:
@@ -131,10 +156,7 @@ def tiny_run(tmp_path_factory, tokenizer):
     from kava.cli import main
 
     root = tmp_path_factory.mktemp("tiny-run")
-    model_dir = root / "base"
-    base_tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    tiny_lm("llama", len(base_tok), init_range=0.3).save_pretrained(model_dir)
-    base_tok.save_pretrained(model_dir)
+    model_dir = save_tiny_model(root / "base", tokenizer)
     config = root / "cfg.yaml"
     config.write_text(yaml.safe_dump(tiny_run_config(model_dir, root / "run")))
     assert main(["train", str(config), "--no-progress"]) == 0

@@ -34,7 +34,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_lm, tiny_run_config
+from conftest import save_tiny_model, tiny_run_config
 from kava.cli import main
 from kava.parallel import local_launch
 
@@ -111,11 +111,7 @@ def model_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama at the usual init scale: smooth enough that rounding (the
     order of a gradient sum differs between 1 and 2 processes) stays at rounding size
     over a few steps (the sharper init of ``tiny_model_dir`` amplifies it to 1e-4)."""
-    path = tmp_path_factory.mktemp("tiny-llama-dist")
-    base_tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    tiny_lm("llama", len(base_tok)).save_pretrained(path)
-    base_tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-dist"), tokenizer, init_range=0.02)
 
 
 @pytest.fixture(scope="module")

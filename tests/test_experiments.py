@@ -15,7 +15,6 @@ import torch
 import yaml
 
 import kava.train
-from conftest import tiny_lm
 from kava.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,15 +32,6 @@ PAPER_LABELS = {
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    base_tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)  # without kava's tokens
-    tiny_lm("llama", len(base_tok), init_range=0.3).save_pretrained(path)
-    base_tok.save_pretrained(path)
-    return path
 
 
 class CountingTrain:

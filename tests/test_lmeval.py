@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import base_tokenizer, tiny_lm, tiny_run_config
 from kava import LatentReasoner
 from kava.cli import main
 from kava.evaluate import load_eval_examples
@@ -23,23 +23,9 @@ N = 6
 def digit_checkpoint(tmp_path_factory, tokenizer):
     """A tiny checkpoint that answers with digits: its untied lm_head rows of "0".."9" are
     scaled up, so greedy decoding writes numbers (different ones per question)."""
-    from conftest import tiny_run_config
-
     root = tmp_path_factory.mktemp("lmeval")
-    base_tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(base_tok),
-            hidden_size=48,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            head_dim=8,
-            num_hidden_layers=2,
-            intermediate_size=96,
-            tie_word_embeddings=False,
-        )
-    )
+    base_tok = base_tokenizer(tokenizer)
+    lm = tiny_lm("llama", len(base_tok), tie_word_embeddings=False)
     digits = [base_tok.convert_tokens_to_ids(str(d)) for d in range(10)]
     with torch.no_grad():
         lm.lm_head.weight[digits] *= 40.0

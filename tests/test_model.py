@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, train_steps
 from kava import losses
 from kava.batching import collate, collate_student, encode
 from kava.config import load_config
@@ -241,13 +241,7 @@ def test_overfit_few_examples_with_a_curriculum(make_backbone, arch, method):
     model = KavaModel(bb, cfg)
     batch = method_batch(bb, cfg, step=1 if method == "coconut" else 8)
     opt = torch.optim.AdamW(bb.trainable_parameters(), lr=1e-2 if method == "coconut" else 2e-2)
-    history = []
-    for _ in range(30):
-        out = model(batch)
-        opt.zero_grad()
-        out.total.backward()
-        opt.step()
-        history.append(out.terms)
+    history = train_steps(model, batch, opt)
     assert history[-1]["loss"] < 0.7 * history[0]["loss"], (history[0], history[-1])
 
 
@@ -262,13 +256,7 @@ def test_overfit_few_examples(make_backbone, arch, method):
     ex = EXAMPLES if method != "nocot" else [(q, [], a) for q, _, a in EXAMPLES]
     batch = collate(encoded(bb, ex, drop_last=drop), bb.ids)
     opt = torch.optim.AdamW(bb.trainable_parameters(), lr=2e-2)
-    history = []
-    for _ in range(30):
-        out = model(batch)
-        opt.zero_grad()
-        out.total.backward()
-        opt.step()
-        history.append(out.terms)
+    history = train_steps(model, batch, opt)
     first, last = history[0], history[-1]
     assert last["loss"] < 0.7 * first["loss"], (first, last)
     assert last["teacher_ce"] < 0.85 * first["teacher_ce"], (first, last)

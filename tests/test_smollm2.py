@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, train_steps
 from kava.backbone import Backbone
 from kava.batching import collate, encode
 from kava.config import load_config
@@ -21,13 +21,7 @@ def test_smollm2_overfits_a_few_examples():
     model = KavaModel(bb, cfg).train()
     batch = collate([encode(q, s, a, bb.tokenizer, bb.ids) for q, s, a in EXAMPLES[1:2]], bb.ids)
     opt = torch.optim.AdamW(bb.trainable_parameters(), lr=2e-3)
-    history = []
-    for _ in range(30):
-        out = model(batch)
-        opt.zero_grad()
-        out.total.backward()
-        opt.step()
-        history.append(out.terms)
+    history = train_steps(model, batch, opt)
     first, last = history[0], history[-1]
     assert all(first[k] > 0 for k in ("student_ce", "teacher_ce", "codi_loss", "kv_loss")), first
     assert last["loss"] < 0.5 * first["loss"], (first, last)

@@ -7,19 +7,7 @@ import json
 import pytest
 import yaml
 
-from conftest import tiny_lm
 from kava.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A tiny random Llama (GQA) saved as a regular local HF folder, with the SmolLM2 tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    base_tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)  # without kava's tokens
-    lm = tiny_lm("llama", len(base_tok), init_range=0.3)
-    lm.save_pretrained(path)
-    base_tok.save_pretrained(path)
-    return path
 
 
 def write_config(tmp_path, model_dir, **extra):
