@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import EXAMPLES
-from kava import qkv
+from kava import layers, qkv
 from kava.batching import collate, encode
 from kava.config import load_config
 from kava.model import KavaModel
@@ -30,6 +30,17 @@ def batch(bb):
 
 def projections(attn):
     return [getattr(attn, name) for name in qkv.PROJECTIONS]
+
+
+def random_biases_(bb) -> None:
+    """HF initialises q/k/v biases (Qwen2) to zero; values make a dropped bias visible."""
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, t in bb.named_parameters():
+            if n.endswith(
+                ("q_proj.base_layer.bias", "k_proj.base_layer.bias", "v_proj.base_layer.bias")
+            ):
+                t.normal_(std=0.5)
 
 
 def lora_params(attn) -> list[nn.Parameter]:
@@ -71,6 +82,7 @@ class MaskDropout(nn.Module):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fused_projections_equal_peft_outputs_and_gradients(make_backbone, arch):
     bb = make_backbone(arch, init_range=0.3).double()
+    random_biases_(bb)
     attn = bb.layers[1].self_attn
     assert (attn.q_proj.base_layer.bias is not None) == (arch == "qwen2")
     assert len({p.scaling["default"] for p in projections(attn)}) == 1
@@ -98,8 +110,10 @@ def test_fused_dropout_is_peft_dropout_with_a_mask_per_projection(make_backbone,
     the masks drawn by default are independent (a shared mask would differ)."""
     p = 0.3
     bb = make_backbone(arch, dropout=p, init_range=0.3).double().train()
+    random_biases_(bb)
     attn = bb.layers[0].self_attn
-    fused = qkv.prepare(attn)
+    assert qkv.prepare(attn.eval()).dropout == 0.0  # none in eval mode, as nn.Dropout
+    fused = qkv.prepare(attn.train())
     assert fused.dropout == p
     x = torch.randn(2, 5, bb.hidden_size, dtype=torch.float64)
     torch.manual_seed(7)
@@ -196,16 +210,32 @@ def train_step(bb, c, b):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_train_step_with_fused_qkv_equals_unfused(make_backbone, arch, checkpointing):
+def test_train_step_with_fused_qkv_equals_unfused(make_backbone, monkeypatch, arch, checkpointing):
     ckpt = str(checkpointing).lower()
     on_cfg = cfg(**{"train.fused_qkv": "true", "train.activation_checkpointing": ckpt})
     off_cfg = cfg(**{"train.activation_checkpointing": ckpt})
     assert on_cfg.train.fused_qkv and not off_cfg.train.fused_qkv
     on = make_backbone(arch, init_range=0.3).double()
     off = make_backbone(arch, init_range=0.3).double()
+    for bb in (on, off):
+        random_biases_(bb)
     b = batch(on)
-    loss_on, grads_on, after_on = train_step(on, on_cfg, b)
+    calls = {"inputs": 0, "fused": 0}
+
+    def counting(name, fn):
+        def run(*args):
+            calls[name] += 1
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(layers, "attention_inputs", counting("inputs", layers.attention_inputs))
+    monkeypatch.setattr(layers, "project_qkv", counting("fused", layers.project_qkv))
     loss_off, grads_off, after_off = train_step(off, off_cfg, b)
+    assert calls["inputs"] > 0 and calls["fused"] == 0
+    calls.update(inputs=0)
+    loss_on, grads_on, after_on = train_step(on, on_cfg, b)
+    assert calls["fused"] == calls["inputs"] > 0  # every layer pass ran fused
     assert on._fuse_qkv and not off._fuse_qkv
     assert all(qkv.laid_out(layer.self_attn) is not None for layer in on.layers)
     assert all(qkv.laid_out(layer.self_attn) is None for layer in off.layers)
@@ -256,6 +286,18 @@ def test_layout_costs_no_memory_and_survives_saves_merges_and_moves(make_backbon
         merged = bb.merged_copy()
         assert qkv.unfused_reason(merged.layers[0].self_attn) is not None
         assert torch.allclose(KavaModel(merged, c)(b).total, ref_merged, rtol=1e-6)
+    # views of one buffer in the wrong order are no layout; prepare lays it out anew
+    attn = bb.layers[0].self_attn
+    k, v = attn.k_proj.base_layer.weight, attn.v_proj.base_layer.weight
+    x = torch.randn(2, 3, bb.hidden_size)
+    with torch.no_grad():
+        ref_qkv = peft_path(attn)(x)
+        k.data, v.data = v.data, k.data  # [Dkv, D] each: k's rows now after v's
+        ref_swapped = peft_path(attn)(x)
+        assert qkv.laid_out(attn) is None
+        torch.testing.assert_close(qkv.project_qkv(x, qkv.prepare(attn)), ref_swapped)  # fp32
+        k.data, v.data = v.data, k.data
+        torch.testing.assert_close(qkv.project_qkv(x, qkv.prepare(attn)), ref_qkv)
     # a cast gives each weight its own storage; the next pass lays them out again
     bb.double()
     assert qkv.laid_out(bb.layers[0].self_attn) is None

@@ -11,6 +11,8 @@ HF / peft modules as they are), the hidden states, RoPE cos/sin, the 4D mask and
 prefix KV, returning the new hidden states and the layer's own K/V (and, for the
 teacher, its query rows). It holds no Python state and no layer index, so one compiled
 graph serves every layer and every pass of a shape family.
+With ``train.fused_qkv`` the q/k/v projections run fused (``kava.qkv``: one base GEMM,
+one LoRA-A matmul), their inputs prepared per layer outside the compiled function.
 
 Supported: ``model_type`` llama, qwen2, mistral (SmolLM2 is llama) with full attention,
 no attention dropout and no q/k norms: the structure of their HF decoder layers, written
