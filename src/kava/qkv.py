@@ -43,8 +43,15 @@ class FusedQKV(NamedTuple):
     cast_input: bool  # peft's cast of x to the adapters' dtype (cast_input_dtype_enabled)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return any(bool(m._forward_hooks or m._forward_pre_hooks) for m in module.modules())
+def _has_hooks(proj: nn.Module, adapter: str) -> bool:
+    """Forward hooks on a module whose ``forward`` the fused path skips (checked one by
+    one: walking ``modules()`` cost half of ``prepare``'s time, which runs every pass)."""
+    parts = (
+        proj,
+        proj.base_layer,
+        *(d[adapter] for d in (proj.lora_A, proj.lora_B, proj.lora_dropout)),
+    )
+    return any(m._forward_hooks or m._forward_pre_hooks for m in parts)
 
 
 def unfused_reason(attn: nn.Module) -> str | None:
@@ -69,7 +76,7 @@ def unfused_reason(attn: nn.Module) -> str | None:
             return f"{name}'s adapter is a LoRA variant (DoRA, ...) or has a bias"
         if p.base_layer.weight.requires_grad:
             return f"{name}'s base weight is trainable"
-        if _has_hooks(p):
+        if _has_hooks(p, adapter):
             return f"{name} has forward hooks"
     if len({tuple(p.active_adapters) for p in projs}) > 1:
         return "q/k/v have different active adapters"
