@@ -177,7 +177,7 @@ def test_unsupported_layouts_run_unfused_and_equal(make_backbone, caplog, option
     assert qkv.laid_out(attn) is None  # never laid out: the weights are as peft made them
 
 
-def test_merged_adapters_run_unfused(make_backbone):
+def test_merged_or_hooked_adapters_run_unfused(make_backbone):
     bb = make_backbone("qwen2", init_range=0.3).double()
     attn = bb.layers[0].self_attn
     x = torch.randn(2, 3, bb.hidden_size, dtype=torch.float64)
@@ -190,6 +190,12 @@ def test_merged_adapters_run_unfused(make_backbone):
         assert_all_close(peft_path(attn)(x), ref)
         attn.k_proj.unmerge()
         assert_all_close(qkv.project_qkv(x, qkv.prepare(attn)), ref)
+        # a forward hook on a module the fused path skips: it must run, so peft's path does
+        seen = []
+        hook = attn.v_proj.lora_A["default"].register_forward_hook(lambda *a: seen.append(1))
+        assert "hooks" in qkv.unfused_reason(attn) and qkv.prepare(attn) is None
+        hook.remove()
+        assert qkv.prepare(attn) is not None
 
 
 def train_step(bb, c, b):
