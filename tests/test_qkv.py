@@ -196,6 +196,12 @@ def test_merged_or_hooked_adapters_run_unfused(make_backbone):
         assert "hooks" in qkv.unfused_reason(attn) and qkv.prepare(attn) is None
         hook.remove()
         assert qkv.prepare(attn) is not None
+        # a trainable base bias would get no gradient through the fused buffer's view
+        attn.k_proj.base_layer.bias.requires_grad_(True)
+        assert "trainable" in qkv.unfused_reason(attn) and qkv.prepare(attn) is None
+        attn.k_proj.base_layer.bias.requires_grad_(False)
+        attn.q_proj.cast_input_dtype_enabled = False  # set one by one, not by lora_input_cast
+        assert "cast" in qkv.unfused_reason(attn)
 
 
 def train_step(bb, c, b):

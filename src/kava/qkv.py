@@ -74,12 +74,14 @@ def unfused_reason(attn: nn.Module) -> str | None:
         adapter = p.active_adapters[0]
         if adapter in p.lora_variant or p.lora_bias.get(adapter, False):
             return f"{name}'s adapter is a LoRA variant (DoRA, ...) or has a bias"
-        if p.base_layer.weight.requires_grad:
-            return f"{name}'s base weight is trainable"
+        if any(t is not None and t.requires_grad for t in (p.base_layer.weight, p.base_layer.bias)):
+            return f"{name}'s base weight or bias is trainable"
         if _has_hooks(p, adapter):
             return f"{name} has forward hooks"
     if len({tuple(p.active_adapters) for p in projs}) > 1:
         return "q/k/v have different active adapters"
+    if len({getattr(p, "cast_input_dtype_enabled", True) for p in projs}) > 1:
+        return "q/k/v cast their LoRA inputs differently"
     adapter = projs[0].active_adapters[0]
     if len({p.r[adapter] for p in projs}) > 1:
         return "q/k/v adapters of different ranks"
