@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from kava import layers
+from kava import layers, qkv
 from kava.backbone import Backbone
 from kava.batching import Batch, Encoded, collate, pad_rows
 from kava.config import KavaConfig, load_config
@@ -869,6 +869,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "query head (repeat_kv, kava's default) or without copies (grouped: less memory)",
     )
     g.add_argument(
+        "--fused-qkv",
+        action="store_true",
+        help="train.fused_qkv: q/k/v projections fused (one base GEMM, one LoRA-A matmul)",
+    )
+    g.add_argument(
         "--generation-attention",
         choices=["grouped", "repeat_kv"],
         default="grouped",
@@ -972,6 +977,7 @@ def kava_config(args) -> KavaConfig:
         f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
         f"train.bucket={args.bucket}",
         f"train.attention={args.attention}",
+        f"train.fused_qkv={str(args.fused_qkv).lower()}",
         "train.mixed_precision=" + ("bf16" if args.amp else "'no'"),  # quoted: YAML's no = false
         *args.set,
     ]
@@ -1066,6 +1072,7 @@ def run(args: argparse.Namespace, cli: list[str]) -> dict[str, Any]:
             activation_checkpointing=args.activation_checkpointing,
             bucket=args.bucket,
             attention=args.attention,
+            fused_qkv=args.fused_qkv,
             generation_attention=args.generation_attention,
             overrides=args.set,
         ),
@@ -1089,6 +1096,11 @@ def run(args: argparse.Namespace, cli: list[str]) -> dict[str, Any]:
     if not args.skip_train:
         try:
             results["train"] = bench_train(model, synth, args, device, counts)
+            # layers whose q/k/v ran fused (kava.qkv lays them out at their first pass):
+            # --fused-qkv on a layout it does not handle would otherwise time unfused code
+            results["train"]["fused_qkv_layers"] = sum(
+                qkv.laid_out(layer.self_attn) is not None for layer in backbone.layers
+            )
         except torch.OutOfMemoryError as e:  # keep going: the inference numbers still count
             results["train"] = dict(error=f"out of memory: {e}".splitlines()[0])
             log(f"train: {results['train']['error']} (try a smaller --micro-batch)")

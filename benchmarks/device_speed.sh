@@ -4,7 +4,8 @@
 #   git archive d21e6e7 src benchmarks | tar -x -C build/before   # here, before the call
 #   TAG=c5 bash benchmarks/device_speed.sh PART                   # device call, carry build/before
 # PART: llama1b (before/after, Llama-3.2-1B shape), smollm2 (before/after, SmolLM2-135M shape),
-# ab (after with grouped attention, train.attention's other value, and --nl), qwen (before/after
+# ab (after: default against --fused-qkv, train.fused_qkv, back to back; then grouped attention,
+# train.attention's other value, and --nl), qwen (before/after
 # Qwen2.5-0.5B), more (Qwen2.5-0.5B, Llama-3.2-3B after).
 # Every run writes $OUT/$TAG-<name>.json as it goes (a cut run still returns what it measured)
 # and its log; a per-run time limit keeps the call inside the device's 10 minutes.
@@ -39,8 +40,12 @@ smollm2)
   bench before-smollm2-135m "$BEFORE" 60 --arch smollm2-135m --micro-batch 128 --steps 5 --warmup 2
   bench after-smollm2-135m . 200 --arch smollm2-135m --micro-batch 128 --steps 8 --warmup 2 ;;
 ab)
-  bench after-llama1b-grouped . 240 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2 --attention grouped
-  bench after-llama1b-nl . 240 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2 --nl ;;
+  # the unmeasured A/B first: train.fused_qkv off / on back to back (~2 min each with the
+  # compile); grouped and --nl (measured in c5) follow and may be cut by the 10 minutes
+  bench after-llama1b-default . 150 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2
+  bench after-llama1b-fused-qkv . 150 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2 --fused-qkv
+  bench after-llama1b-grouped . 150 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2 --attention grouped
+  bench after-llama1b-nl . 120 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2 --nl ;;
 qwen)
   bench before-qwen-0.5b "$BEFORE" 60 --arch qwen-0.5b --micro-batch 128 --steps 5 --warmup 2
   bench after-qwen-0.5b . 180 --arch qwen-0.5b --micro-batch 128 --steps 6 --warmup 2 ;;

@@ -44,6 +44,7 @@ def test_quick_cpu_run_writes_complete_json(bench, tmp_path, capsys):
     assert (s["method"], s["M"], s["T"]) == ("kava", 24, 3)
     assert s["lora"]["r"] == 128 and s["lora"]["alpha"] == 32
     assert s["global_batch"] == s["micro_batch"] * s["accumulation"]
+    assert s["fused_qkv"] is False and data["train"]["fused_qkv_layers"] == 0
 
     pc = data["precheck"]
     assert pc["ok"] and pc["instrumented_matches"]
@@ -107,8 +108,11 @@ def test_bad_batch_split_is_rejected(bench):
 
 
 def test_bf16_frozen_weights_train_only(bench, tmp_path):
+    """Also with --fused-qkv (train.fused_qkv): bf16 autocast, bf16 frozen weights."""
     argv = ["--arch", "tiny", "--device", "cpu", "--quick", "--weights", "bf16", "--amp", "bf16"]
+    argv += ["--fused-qkv"]
     res = bench.main([*argv, "--skip-inference", "--steps", "1", "--out", str(tmp_path / "b.json")])
     assert set(res["settings"]["param_dtypes"]) == {"frozen bfloat16", "trainable float32"}
+    assert res["settings"]["fused_qkv"] is True and res["train"]["fused_qkv_layers"] == 2
     assert res["precheck"]["ok"] and positive(res["train"]["examples_per_s"])
     assert "inference" not in res

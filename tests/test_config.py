@@ -122,6 +122,7 @@ def test_round_trip(tmp_path):
         ("kv_loss: {type: huber}\n", "kv_loss.type: 'huber' is not one of"),
         ("latent: {num_latents: many}\n", "latent.num_latents: expected an integer"),
         ("rkv: {lambda: 2}\n", "rkv.lambda: must be in [0, 1]"),
+        ("train: {fused_qkv: 3}\n", "train.fused_qkv: expected true/false"),
         ("train: {lr: -1}\n", "train.lr: must be > 0"),
         ("latent: [1, 2]\n", "latent: expected a mapping"),
         ("method: kava\n  bad: [indent\n", "invalid YAML"),

@@ -46,19 +46,22 @@ def test_resume_with_a_changed_schedule_is_refused_naming_each_key(finished_run,
 def test_allowed_changes_on_resume_are_recorded(finished_run):
     cfg, run = finished_run
     config_before = (run / "config.yaml").read_bytes()
-    extra = ["--set", "train.log_every=2", "--set", "eval.limit=3"]
+    # train.fused_qkv: the resumed steps run the fused q/k/v projections (kava.qkv)
+    extra = ["--set", "train.log_every=2", "--set", "eval.limit=3", "--set", "train.fused_qkv=true"]
     assert main(["train", str(cfg), "--no-progress", "--resume", *extra]) == 0
     assert (run / "config.yaml").read_bytes() == config_before
     (rec,) = [json.loads(x) for x in (run / RESUME_HISTORY).read_text().splitlines()]
     assert rec["step"] == 1
     assert rec["changes"] == {
         "eval.limit": {"old": 6, "new": 3},
+        "train.fused_qkv": {"old": False, "new": True},
         "train.log_every": {"old": 1, "new": 2},
     }
 
 
 def test_mutable_keys():
     assert mutable("eval.batch_size") and mutable("train.save_every")
+    assert mutable("train.fused_qkv") and mutable("train.attention")
     for key in ("train.max_steps", "train.epochs", "train.lr", "train.global_batch_size"):
         assert not mutable(key), key
     a, b = KavaConfig(), KavaConfig()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from kava import layers
+from kava import layers, qkv
 from kava.attention import (
     ATTN_IMPLEMENTATION,
     RowCapture,
@@ -176,6 +176,7 @@ class Backbone(nn.Module):
         self._checkpoint = False
         self._mark_dynamic = False  # compile_layers: batch / length dims marked dynamic
         self._copy_kv = False  # attention_copies: K/V copied per query head in layer_pass
+        self._fuse_qkv = False  # fused_qkv: q/k/v projections fused in layer_pass
 
     # --- building ----------------------------------------------------------------------
     @classmethod
@@ -289,7 +290,7 @@ class Backbone(nn.Module):
                 h = output_fn(layer, h, q, keys, values, mask)
             else:
                 h, k, v, q_rows = self._run_layer(
-                    layer, h, cos, sin, mask, cache.segments(i), query_index
+                    layer, h, cos, sin, mask, cache.segments(i), query_index, fused=self._qkv(layer)
                 )
                 cache.record(i, k, v)
                 if capture is not None:
@@ -303,15 +304,19 @@ class Backbone(nn.Module):
             hidden.append(h)
         return PassOutput(h, tuple(hidden) if hidden is not None else None)
 
-    def _run_layer(self, *args):
+    def _run_layer(self, *args, fused: qkv.FusedQKV | None = None):
         """``kava.layers.layer_pass``, compiled and/or checkpointed as configured."""
         if self._mark_dynamic:
             layers.mark_dynamic_dims(*args[1:])
         if self._checkpoint and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(
-                self._layer_fn, *args, copy_kv=self._copy_kv, use_reentrant=False
+                self._layer_fn, *args, copy_kv=self._copy_kv, qkv=fused, use_reentrant=False
             )
-        return self._layer_fn(*args, copy_kv=self._copy_kv)
+        return self._layer_fn(*args, copy_kv=self._copy_kv, qkv=fused)
+
+    def _qkv(self, layer: nn.Module) -> qkv.FusedQKV | None:
+        """The fused q/k/v inputs of ``layer`` under ``fused_qkv``, else None (unfused)."""
+        return qkv.prepare(layer.self_attn) if self._fuse_qkv else None
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE ``cos, sin [B, N, d]`` (float32) of ``position_ids [B, N]``, as the layers
@@ -361,6 +366,18 @@ class Backbone(nn.Module):
         (``layers.repeated_kv_attention``, ``train.attention: repeat_kv``) or without
         (``layers.grouped_attention``, the default: generation and merged copies)."""
         self._copy_kv = enabled
+
+    def fused_qkv(self, enabled: bool) -> None:
+        """q/k/v projections of the layer passes fused (``kava.qkv``, ``train.fused_qkv``):
+        one base GEMM and one LoRA-A matmul instead of three each, the same function.
+        Each layer's base weights are laid out as views of one buffer at its next pass
+        (and again after a ``.to()`` undid that); a layer not in the supported form runs
+        peft's modules, with a warning here naming why."""
+        self._fuse_qkv = enabled
+        if enabled:
+            reason = self.fast_path_blocker or qkv.unfused_reason(self.layers[0].self_attn)
+            if reason is not None:
+                log.warning("train.fused_qkv: q/k/v projections run unfused (%s)", reason)
 
     def use_hf_layers(self, reason: str) -> None:
         """Run every layer through its own module ``forward`` (HF's decoder loop), not

@@ -190,6 +190,12 @@ class TrainConfig:
     # 0.446 vs 0.483 s); "grouped" attends without the copies: 6.8 GiB less peak memory
     # there (benchmarks/RESULTS.md, c5). Generation always runs grouped (faster decoding).
     attention: Literal["repeat_kv", "grouped"] = "repeat_kv"
+    # Fuse the q/k/v projections of each layer pass (kava.qkv): one GEMM against the
+    # frozen weights stacked (views of one buffer, no copy) and one for the three LoRA A
+    # (a batched matmul with an independent dropout mask each), instead of three each.
+    # The same function; layers that are not plain LoRA on q/k/v run unfused. Off until a
+    # GPU A/B measures it (benchmarks/device_speed.sh ab).
+    fused_qkv: bool = False
     # A checkpoint folder (e.g. a CoT run's final/) whose trainable tensors initialise
     # this run (Coconut's recipe starts from CoT fine-tuning); same model and LoRA shape.
     init_from: str | None = None

@@ -11,6 +11,8 @@ HF / peft modules as they are), the hidden states, RoPE cos/sin, the 4D mask and
 prefix KV, returning the new hidden states and the layer's own K/V (and, for the
 teacher, its query rows). It holds no Python state and no layer index, so one compiled
 graph serves every layer and every pass of a shape family.
+With ``train.fused_qkv`` the q/k/v projections run fused (``kava.qkv``: one base GEMM,
+one LoRA-A matmul), their inputs prepared per layer outside the compiled function.
 
 Supported: ``model_type`` llama, qwen2, mistral (SmolLM2 is llama) with full attention,
 no attention dropout and no q/k norms: the structure of their HF decoder layers, written
@@ -24,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+
+from kava.qkv import FusedQKV, project_qkv
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -53,14 +57,23 @@ def unsupported_reason(decoder: nn.Module) -> str | None:
     return None
 
 
-def attention_inputs(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Post-RoPE ``q [B, H_q, S, d]``, ``k, v [B, H_kv, S, d]`` of ``h [B, S, D]``."""
+def attention_inputs(
+    layer: nn.Module,
+    h: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    qkv: FusedQKV | None = None,
+):
+    """Post-RoPE ``q [B, H_q, S, d]``, ``k, v [B, H_kv, S, d]`` of ``h [B, S, D]``.
+    ``qkv``: the layer's fused projections (``kava.qkv.prepare``), else peft's modules."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     shape = (*h.shape[:-1], -1, attn.head_dim)
-    q = attn.q_proj(x).view(shape).transpose(1, 2)
-    k = attn.k_proj(x).view(shape).transpose(1, 2)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    if qkv is not None:
+        q, k, v = project_qkv(x, qkv)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, k, v
 
@@ -163,14 +176,15 @@ def layer_pass(
     prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...],
     query_index: torch.Tensor | None = None,
     copy_kv: bool = False,
+    qkv: FusedQKV | None = None,
 ):
     """One layer over ``h [B, S, D]`` attending to ``prefix`` segments then its own rows
-    (``copy_kv``: see ``attention_output``).
+    (``copy_kv``: see ``attention_output``; ``qkv``: see ``attention_inputs``).
 
     Returns ``(h_out [B, S, D], k, v [B, H_kv, S, d], q_rows)``; ``q_rows`` is
     ``[B, H_q, N, d]`` (detached) of the query rows ``query_index [B, N]``, or None.
     """
-    q, k, v = attention_inputs(layer, h, cos, sin)
+    q, k, v = attention_inputs(layer, h, cos, sin, qkv)
     keys = torch.cat([*(p[0] for p in prefix), k], dim=2) if prefix else k
     values = torch.cat([*(p[1] for p in prefix), v], dim=2) if prefix else v
     q_rows = None

@@ -38,6 +38,7 @@ RESUME_MUTABLE = (
     "train.compile",
     "train.activation_checkpointing",
     "train.attention",  # the same attention, rounded differently (as train.compile)
+    "train.fused_qkv",  # the same projections, rounded differently
     "train.report_to",  # trackers only observe
     "eval.",
 )
