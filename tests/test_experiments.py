@@ -173,10 +173,12 @@ def test_changed_config_of_a_done_run_is_an_error(grid, tiny_model_dir, capsys):
 # --------------------------------------------------------------------------- report
 
 
-def read_markdown_table(path: Path) -> dict[str, dict[str, str]]:
-    """The first Markdown table of ``path`` as {first cell: {header: cell}}."""
+def read_markdown_table(path: Path, section: str | None = None) -> dict[str, dict[str, str]]:
+    """The first Markdown table of ``path`` (after the heading ``## section`` if given) as
+    {first cell: {header: cell}}."""
     lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+    first = lines.index(f"## {section}") if section else 0
+    start = next(i for i, line in enumerate(lines) if i > first and line.startswith("| method"))
     header = [c.strip() for c in lines[start].strip("|").split("|")]
     rows = {}
     for line in lines[start + 2 :]:
@@ -309,6 +311,46 @@ def test_report_groups_grid_variants_after_the_methods(tmp_path):
     ]
     assert table["KaVa (rkv.method=rkv)"]["synthetic acc (%)"] == expected_cell([0.6, 0.8], 100)
     assert table["KaVa (rkv.method=crop)"]["synthetic acc (%)"] == "50.0"
+
+
+def test_report_states_the_validation_scores_the_checkpoints_were_chosen_on(tmp_path):
+    """The selection table: per method, the validation accuracy of the chosen checkpoints
+    (mean ± std over seeds), correct / n and the step per seed, from DONE.json; a row whose
+    runs kept the final checkpoint says so instead of inventing a score."""
+    out = tmp_path / "exp"
+    runs = [  # name, method, seed, index, (step, correct) of the selection or None
+        ("kava__seed0", "kava", 0, 0, (54, 15)),
+        ("kava__seed1", "kava", 1, 1, (162, 11)),
+        ("cot__seed0", "cot", 0, 2, None),
+    ]
+    for name, method, seed, index, chosen in runs:
+        d = out / "runs" / name
+        (d / "eval" / "synthetic").mkdir(parents=True)
+        done = {"run": name, "index": index, "method": method, "seed": seed, "variant": []}
+        done["datasets"] = ["synthetic"]
+        if chosen is not None:
+            step, correct = chosen
+            done["selection"] = {
+                "step": step,
+                "accuracy": correct / 500,
+                "dataset": "gsm8k-aug-valid",
+                "split": "validation",
+                "n": 500,
+                "correct": correct,
+            }
+        (d / "DONE.json").write_text(json.dumps(done))
+        metrics = {"n": 10, "accuracy": 0.5, "mean_forward_passes": 5.0}
+        (d / "eval" / "synthetic" / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", str(out), "--no-eviction-plot"]) == 0
+    table = read_markdown_table(out / "report" / "results.md", section="Checkpoint selection")
+    assert list(table) == ["CoT", "KaVa"]
+    kava = table["KaVa"]
+    assert kava["selected on"] == "gsm8k-aug-valid (validation)"
+    assert kava["validation acc (%)"] == expected_cell([15 / 500, 11 / 500], 100.0)
+    assert kava["correct / n per seed"] == "15/500, 11/500"
+    assert kava["step per seed"] == "54, 162"
+    assert table["CoT"]["selected on"] == "– (final checkpoint)"
+    assert table["CoT"]["validation acc (%)"] == "–"
 
 
 def test_report_without_runs_is_a_clear_error(tmp_path, capsys):

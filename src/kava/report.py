@@ -69,6 +69,9 @@ class RunResult:
     dir: Path
     config: dict[str, Any]
     manifest: dict[str, Any] | None = None  # the run's manifest.json (None: unknown)
+    # the checkpoint the test sets scored, as DONE.json records it: step, dataset, split,
+    # accuracy, correct, n on the validation split (None: the final one, no validation)
+    selection: dict[str, Any] | None = None
 
     @property
     def group(self) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -125,6 +128,7 @@ def load_results(exp_dir: str | Path) -> tuple[list[RunResult], list[str]]:
                 d,
                 rec.get("config", {}),
                 read_manifest(d),
+                rec.get("selection"),
             )
         )
     if not done:
@@ -297,6 +301,32 @@ def per_run_table(runs: list[RunResult], datasets: list[str]) -> str:
                 ]
             )
         lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def selection_table(groups: list[Group]) -> str:
+    """Per method/variant: the validation score of the checkpoints the test sets scored
+    (mean ± sample std over seeds) and the step each seed's checkpoint was taken at; the
+    numbers the choice was made on, next to the test numbers it led to."""
+    lines = [
+        "| method | seeds | selected on | validation acc (%) | correct / n per seed | step per seed |",
+        "|---|---:|---|---:|---|---|",
+    ]
+    for g in groups:
+        chosen = [r.selection for r in g.runs if r.selection]
+        if len(chosen) < len(g.runs):
+            lines.append(f"| {g.label} | {len(g.runs)} | – (final checkpoint) | – | – | – |")
+            continue
+        where = sorted({f"{c['dataset']} ({c['split']})" for c in chosen})
+        lines.append(
+            f"| {g.label} | {len(chosen)} | {', '.join(where)} | "
+            + _pm(*_mean_std([c["accuracy"] for c in chosen]), 100.0, 1)
+            + " | "
+            + ", ".join(f"{c['correct']}/{c['n']}" for c in chosen)
+            + " | "
+            + ", ".join(str(c["step"]) for c in chosen)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -720,7 +750,9 @@ def make_report(
         "each cell is the mean ± sample std (ddof=1) over seeds, without ± when a row has one "
         "seed; `seeds` = number of seeds."
     )
-    md += ["", markdown_table(rows, datasets), "", "## Runs", "", per_run_table(runs, datasets), ""]
+    md += ["", markdown_table(rows, datasets), ""]
+    md += ["## Checkpoint selection", "", selection_table(groups), ""]
+    md += ["## Runs", "", per_run_table(runs, datasets), ""]
     md += ["## Provenance", "", provenance_table(runs), ""]
     md += ["## Plots", ""]
     md.append(f"![accuracy vs forward passes]({files['efficiency'].name})")
