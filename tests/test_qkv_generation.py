@@ -186,6 +186,21 @@ def test_unsupported_layers_fall_back(make_backbone, caplog):
     assert hf.fused_qkv_generation(True) == 0 and not hf._fuse_static_qkv
 
 
+def test_no_layout_inside_a_cuda_graph_capture(make_backbone, monkeypatch):
+    """While a CUDA graph is captured (faked here: no GPU), a layer whose layout was lost
+    runs its three modules: laying out would allocate inside the capture and free the
+    storage the captured kernels read. A layout made before the capture is used."""
+    bb = merged(make_backbone, "llama")
+    attn, laid = bb.layers[0].self_attn, bb.layers[1].self_attn
+    qkv.lay_out(laid)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert qkv.prepare_plain(attn) is None and qkv.laid_out(attn) is None
+    assert qkv.prepare_plain(laid) is not None
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert qkv.prepare_plain(attn) is not None and qkv.laid_out(attn) is not None
+
+
 def test_compiled_fused_generation_equals_eager_unfused(make_backbone):
     """Under ``torch.compile`` (aot_eager, as ``compile_generation`` on the GPU with
     inductor) the fused static passes give the eager unfused tokens (float32: rounding

@@ -127,7 +127,8 @@ def plain_unfused_reason(attn: nn.Module) -> str | None:
     projs = [getattr(attn, name, None) for name in PROJECTIONS]
     for name, p in zip(PROJECTIONS, projs):
         if type(p) is not nn.Linear:
-            return f"{name} is not a plain nn.Linear ({type(p).__name__})"
+            kind = type(p)
+            return f"{name} is not a plain nn.Linear ({kind.__module__}.{kind.__qualname__})"
         if any(t is not None and t.requires_grad for t in (p.weight, p.bias)):
             return f"{name}'s weight or bias is trainable"
         if p._forward_hooks or p._forward_pre_hooks:
