@@ -216,6 +216,31 @@ def test_compiled_fused_generation_equals_eager_unfused(make_backbone):
     assert_same_generation(generate(gen), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("method", "arch"), [("kava", "llama"), ("cot", "qwen2"), ("coconut", "qwen2")]
+)
+def test_evaluation_with_fused_generation_predicts_the_same(
+    make_backbone, monkeypatch, method, arch
+):
+    """``kava.evaluate.predict`` on the merged copy, fused (forced on, as on CUDA) or not:
+    the same texts and passes, latent, written CoT and Coconut's thoughts (batch 3 of 4
+    questions: a full and a partial batch, both padded)."""
+    overrides = [f"method={method}", "latent.num_latents=3", "latent.num_iterations=1"]
+    overrides += ["coconut.max_latent_stage=2", "eval.max_new_tokens=5"]
+    c = load_config(overrides=overrides + ["eval.cot_max_new_tokens=9"])
+    bb = make_backbone(arch, init_range=0.3).double()
+    calls = count_fused(monkeypatch)
+    questions = [q for q, _, _ in EXAMPLES]
+    runs = []
+    for fused in (False, True):
+        gen = Generator(evaluate.inference_model(bb, c), fused_qkv=fused)
+        assert gen.fused_qkv == fused
+        runs.append(evaluate.predict(bb, c, questions, batch_size=3, generator=gen))
+    assert calls["fused"] > 0
+    assert [(p.text, p.passes) for p in runs[1]] == [(p.text, p.passes) for p in runs[0]]
+    assert len({p.text for p in runs[0]}) > 1
+
+
 def test_fused_generation_is_on_by_default_on_cuda_only(make_backbone, monkeypatch):
     """eval.fused_qkv (default true) reaches the generator on CUDA only: on CPU evaluation
     and ``Generator``'s default leave q/k/v unfused, the weights as they were."""
