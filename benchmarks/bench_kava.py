@@ -559,10 +559,19 @@ def bench_inference(model: KavaModel, synth: Synth, args, device, report: dict, 
     amp = args.amp and runner is bb  # a merged copy is bf16 throughout
     ids = runner.ids
     # the reference for the token check: the same weights, eager, uncompiled, no graphs
-    reference = copy.deepcopy(runner) if not args.no_graphs or args.compile_generation else None
-    gens = {"fast": Generator(runner, not args.no_graphs, compile=args.compile_generation)}
+    # (deep-copied before the fast generator lays its q/k/v out: the reference runs unfused)
+    not_eager = not args.no_graphs or args.compile_generation or args.fused_generation
+    reference = copy.deepcopy(runner) if not_eager else None
+    gens = {
+        "fast": Generator(
+            runner,
+            not args.no_graphs,
+            compile=args.compile_generation,
+            fused_qkv=args.fused_generation,
+        )
+    }
     if reference is not None:
-        gens["eager"] = Generator(reference, cuda_graphs=False, compile=False)
+        gens["eager"] = Generator(reference, cuda_graphs=False, compile=False, fused_qkv=False)
     else:
         gens["eager"] = gens["fast"]
 
@@ -608,12 +617,14 @@ def bench_inference(model: KavaModel, synth: Synth, args, device, report: dict, 
         lora_merged=runner is not bb,
         cuda_graphs=not args.no_graphs,
         compiled=gens["fast"].compiled,
+        fused_qkv=gens["fast"].fused_qkv,
+        fused_qkv_layers=sum(qkv.laid_out(x.self_attn) is not None for x in runner.layers),
         eval_bucket=args.eval_bucket,
         small_batch_questions=args.small_batch_questions,
         runs=runs,
         latent_speedup=speedup,
     )
-    # correctness first: the fast path (compiled, graphed) generates what eager does.
+    # correctness first: the fast path (compiled, graphed, fused) generates what eager does.
     # bf16 greedy decoding of random weights has near-ties, so compare the first tokens
     # as well as the whole run, and count the rows that differ.
     if gens["fast"] is not gens["eager"]:
@@ -631,7 +642,7 @@ def bench_inference(model: KavaModel, synth: Synth, args, device, report: dict, 
                 rows=len(a),
             )
         report["fast_equals_eager"] = same
-        log(f"  fast (compiled, graphed) == eager tokens: {same}")
+        log(f"  fast (compiled, graphed, fused q/k/v) == eager tokens: {same}")
 
     def questions_for(bs: int) -> list[list[int]]:
         return questions[: args.small_batch_questions] if bs < 64 else questions
@@ -907,6 +918,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="generation layer passes uncompiled (eval.compile; compiled by default on cuda)",
     )
     g.add_argument(
+        "--no-fused-generation",
+        dest="fused_generation",
+        action="store_false",
+        help="generation's q/k/v as three GEMMs (eval.fused_qkv; one fused GEMM by default on cuda)",
+    )
+    g.add_argument(
         "--small-batch-questions",
         type=int,
         default=64,
@@ -948,6 +965,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device != "cuda":
         args.no_graphs = True  # CUDA graphs need CUDA
         args.compile_generation = False  # inductor's CPU code: not what is measured here
+        args.fused_generation = False  # eval.fused_qkv takes effect on CUDA only
     args.infer_batches = [int(x) for x in str(args.infer_batches).split(",") if x]
     args.cot_tokens = [int(x) for x in str(args.cot_tokens).split(",") if x]
     args.amp = args.amp == "bf16" or (args.amp == "auto" and args.device == "cuda")
@@ -1073,6 +1091,7 @@ def run(args: argparse.Namespace, cli: list[str]) -> dict[str, Any]:
             bucket=args.bucket,
             attention=args.attention,
             fused_qkv=args.fused_qkv,
+            fused_generation=args.fused_generation,
             generation_attention=args.generation_attention,
             overrides=args.set,
         ),

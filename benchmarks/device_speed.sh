@@ -6,14 +6,19 @@
 # PART: llama1b (before/after, Llama-3.2-1B shape), smollm2 (before/after, SmolLM2-135M shape),
 # ab (after: default against --fused-qkv, train.fused_qkv, back to back; then grouped attention,
 # train.attention's other value, and --nl), qwen (before/after
-# Qwen2.5-0.5B), more (Qwen2.5-0.5B, Llama-3.2-3B after).
+# Qwen2.5-0.5B), more (Qwen2.5-0.5B, Llama-3.2-3B after), gen (inference only, Llama-3.2-1B:
+# generation with fused q/k/v, eval.fused_qkv, against --no-fused-generation back to back;
+# RESULTS.md's inference command, ~2-3 min each with the compile; no "before" tree needed).
 # Every run writes $OUT/$TAG-<name>.json as it goes (a cut run still returns what it measured)
 # and its log; a per-run time limit keeps the call inside the device's 10 minutes.
 set -uo pipefail
 BEFORE=${BEFORE:-build/before}
 TAG=${TAG:-c5}
 COMMON=(--device cuda --weights bf16 --peak-tflops 790 --skip-inference --skip-precheck --phase-steps 1)
-bench() { # name tree seconds args...
+# gen: RESULTS.md's inference benchmark (1,319 questions, batches 1, 64, 256, CoT 40 / 120)
+INFER=(--device cuda --weights bf16 --peak-tflops 790 --skip-train --skip-precheck
+  --infer-questions 1319 --infer-batches 1,64,256 --cot-tokens 40,120)
+bench() { # name tree seconds args... (then "${COMMON[@]}": gen sets it to INFER)
   local name=$1 tree=$2 limit=$3
   shift 3
   echo "== $TAG-$name: $tree $*"
@@ -28,7 +33,13 @@ d = json.load(open(path))
 d["code"] = "before (d21e6e7, git archive)" if tree != "." else "after (working tree)"
 json.dump(d, open(path, "w"), indent=2)
 t = d.get("train", {})
-print({k: t.get(k) for k in ("examples_per_s", "step_time_s", "peak_mem_gib", "mfu", "step_times_s")})
+if t:
+    print({k: t.get(k) for k in ("examples_per_s", "step_time_s", "peak_mem_gib", "mfu", "step_times_s")})
+inf = d.get("inference", {})
+if inf:  # gen: what ran, seconds per run, and the decoding step's graphed ms
+    print({k: inf.get(k) for k in ("fused_qkv", "fused_qkv_layers", "fast_equals_eager")})
+    print([(r["mode"], r["new_tokens"], r["batch"], round(r["time_s"], 3)) for r in inf["runs"]])
+    print({k: v.get("decode") for k, v in inf.get("pass_ms", {}).items()})
 EOF
 }
 nvidia-smi -L
@@ -52,6 +63,11 @@ qwen)
 more)
   bench after-qwen-0.5b . 240 --arch qwen-0.5b --micro-batch 128 --steps 6 --warmup 2
   bench after-llama-3b . 280 --arch llama-3b --micro-batch 64 --steps 4 --warmup 2 ;;
-*) echo "usage: TAG=c5 bash benchmarks/device_speed.sh llama1b|smollm2|ab|qwen|more" >&2; exit 2 ;;
+gen)
+  # default (fused q/k/v in generation) first, then the same without; each within 280 s
+  COMMON=("${INFER[@]}")
+  bench gen-llama1b-fused . 280 --arch llama-1b
+  bench gen-llama1b-unfused . 280 --arch llama-1b --no-fused-generation ;;
+*) echo "usage: TAG=c5 bash benchmarks/device_speed.sh llama1b|smollm2|ab|qwen|more|gen" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

@@ -45,6 +45,7 @@ def test_quick_cpu_run_writes_complete_json(bench, tmp_path, capsys):
     assert s["lora"]["r"] == 128 and s["lora"]["alpha"] == 32
     assert s["global_batch"] == s["micro_batch"] * s["accumulation"]
     assert s["fused_qkv"] is False and data["train"]["fused_qkv_layers"] == 0
+    assert s["fused_generation"] is False  # eval.fused_qkv: CUDA only
 
     pc = data["precheck"]
     assert pc["ok"] and pc["instrumented_matches"]
@@ -84,6 +85,7 @@ def test_quick_cpu_run_writes_complete_json(bench, tmp_path, capsys):
     modes = {(r["mode"], r["new_tokens"]) for r in inf["runs"]}
     assert modes == {("latent", 3), ("cot", 4), ("cot", 8)}
     assert inf["lora_merged"] and not inf["cuda_graphs"] and inf["stop_token"] is None
+    assert inf["fused_qkv"] is False and inf["fused_qkv_layers"] == 0
     for r in inf["runs"]:
         assert positive(r["questions_per_s"]) and positive(r["time_s"])
         # no stop token: exactly the requested tokens; kava's pass count matches a hook
@@ -116,3 +118,12 @@ def test_bf16_frozen_weights_train_only(bench, tmp_path):
     assert res["settings"]["fused_qkv"] is True and res["train"]["fused_qkv_layers"] == 2
     assert res["precheck"]["ok"] and positive(res["train"]["examples_per_s"])
     assert "inference" not in res
+
+
+def test_fused_generation_flag(bench, monkeypatch):
+    """--no-fused-generation (eval.fused_qkv): fused by default on cuda, never on cpu."""
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)  # parsing only
+    cuda = ["--arch", "tiny", "--device", "cuda"]
+    assert bench.parse_args(cuda).fused_generation is True
+    assert bench.parse_args([*cuda, "--no-fused-generation"]).fused_generation is False
+    assert bench.parse_args(["--arch", "tiny", "--device", "cpu"]).fused_generation is False

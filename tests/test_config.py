@@ -123,6 +123,7 @@ def test_round_trip(tmp_path):
         ("latent: {num_latents: many}\n", "latent.num_latents: expected an integer"),
         ("rkv: {lambda: 2}\n", "rkv.lambda: must be in [0, 1]"),
         ("train: {fused_qkv: 3}\n", "train.fused_qkv: expected true/false"),
+        ("eval: {fused_qkv: yes please}\n", "eval.fused_qkv: expected true/false"),
         ("train: {lr: -1}\n", "train.lr: must be > 0"),
         ("latent: [1, 2]\n", "latent: expected a mapping"),
         ("method: kava\n  bad: [indent\n", "invalid YAML"),

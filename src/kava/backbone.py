@@ -177,6 +177,7 @@ class Backbone(nn.Module):
         self._mark_dynamic = False  # compile_layers: batch / length dims marked dynamic
         self._copy_kv = False  # attention_copies: K/V copied per query head in layer_pass
         self._fuse_qkv = False  # fused_qkv: q/k/v projections fused in layer_pass
+        self._fuse_static_qkv = False  # fused_qkv_generation: plain q/k/v as one GEMM
 
     # --- building ----------------------------------------------------------------------
     @classmethod
@@ -282,7 +283,7 @@ class Backbone(nn.Module):
                 if compiled:  # batch, length and cache-column dims dynamic, weights static
                     for t, dims in ((h, (0, 1)), (cos, (0, 1)), (sin, (0, 1)), (mask, (0, 2, 3))):
                         layers.mark_dynamic(t, *dims)
-                q, k, v = inputs_fn(layer, h, cos, sin)
+                q, k, v = inputs_fn(layer, h, cos, sin, self._static_qkv(layer))
                 keys, values = cache.write(i, k, v)  # in place, outside any compiled code
                 if compiled:
                     for t in (q, keys, values):
@@ -317,6 +318,12 @@ class Backbone(nn.Module):
     def _qkv(self, layer: nn.Module) -> qkv.FusedQKV | None:
         """The fused q/k/v inputs of ``layer`` under ``fused_qkv``, else None (unfused)."""
         return qkv.prepare(layer.self_attn) if self._fuse_qkv else None
+
+    def _static_qkv(self, layer: nn.Module) -> qkv.PlainQKV | None:
+        """The fused plain q/k/v of ``layer`` under ``fused_qkv_generation``, else None.
+        Re-checked every pass (``qkv.prepare_plain``): a weight moved since is never read
+        from the old buffer."""
+        return qkv.prepare_plain(layer.self_attn) if self._fuse_static_qkv else None
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE ``cos, sin [B, N, d]`` (float32) of ``position_ids [B, N]``, as the layers
@@ -378,6 +385,34 @@ class Backbone(nn.Module):
             reason = self.fast_path_blocker or qkv.unfused_reason(self.layers[0].self_attn)
             if reason is not None:
                 log.warning("train.fused_qkv: q/k/v projections run unfused (%s)", reason)
+
+    def fused_qkv_generation(self, enabled: bool) -> int:
+        """q/k/v of the static-cache passes (generation) as one GEMM (``kava.qkv.
+        project_plain``, ``eval.fused_qkv``) where they are plain ``nn.Linear`` layers, as
+        in a merged copy; the same function. Lays every such layer's weights out now, as
+        views of one buffer (no copy), so that CUDA graphs captured later read it; each
+        pass re-checks the layout (after a ``.to()``: laid out again, or, inside a graph
+        capture, the three modules). Layers in another form (LoRA, hooks) run unfused, with
+        a warning naming why. Returns the number of layers fused."""
+        self._fuse_static_qkv = enabled and self.fast
+        if not enabled:
+            return 0
+        if not self.fast:
+            log.warning("eval.fused_qkv: q/k/v run unfused (%s)", self.fast_path_blocker)
+            return 0
+        reasons = [qkv.plain_unfused_reason(layer.self_attn) for layer in self.layers]
+        for layer, reason in zip(self.layers, reasons):
+            if reason is None:
+                qkv.prepare_plain(layer.self_attn)  # lays out now, before any capture
+        blocked = [r for r in reasons if r is not None]
+        if blocked:
+            log.warning(
+                "eval.fused_qkv: q/k/v of %d of %d layers run unfused (%s)",
+                len(blocked),
+                len(reasons),
+                blocked[0],
+            )
+        return len(reasons) - len(blocked)
 
     def use_hf_layers(self, reason: str) -> None:
         """Run every layer through its own module ``forward`` (HF's decoder loop), not

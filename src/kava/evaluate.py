@@ -169,13 +169,15 @@ class Prediction:
 
 def make_generator(backbone: Backbone, cfg: KavaConfig) -> Generator:
     """The generator evaluation decodes with: on ``inference_model`` (a LoRA-merged copy
-    with ``eval.merge_lora``), compiled passes and CUDA graphs on CUDA (``eval.compile``,
-    ``eval.cuda_graphs``). Reuse it across calls to keep its compiled graphs."""
+    with ``eval.merge_lora``), compiled passes, CUDA graphs and fused q/k/v on CUDA
+    (``eval.compile``, ``eval.cuda_graphs``, ``eval.fused_qkv``). Reuse it across calls to
+    keep its compiled graphs."""
     on_cuda = backbone.new_token_embeddings.device.type == "cuda"
     return Generator(
         inference_model(backbone, cfg),
         cuda_graphs=cfg.eval.cuda_graphs and on_cuda,
         compile=cfg.eval.compile and on_cuda,
+        fused_qkv=cfg.eval.fused_qkv and on_cuda,
     )
 
 
@@ -261,8 +263,8 @@ def evaluate(
     write) the metrics.
 
     Decodes on a LoRA-merged copy (``eval.merge_lora``; ``backbone`` is left untouched)
-    with compiled layer passes and CUDA graphs on CUDA (``eval.compile``,
-    ``eval.cuda_graphs``), unless a ``generator`` is given.
+    with compiled layer passes, CUDA graphs and fused q/k/v on CUDA (``eval.compile``,
+    ``eval.cuda_graphs``, ``eval.fused_qkv``), unless a ``generator`` is given.
 
     With ``out_dir``: ``metrics.json`` and ``predictions.jsonl`` (one record per example
     in input order: index, question, gold, prediction, parsed, correct, passes,

@@ -12,7 +12,8 @@ prefix KV, returning the new hidden states and the layer's own K/V (and, for the
 teacher, its query rows). It holds no Python state and no layer index, so one compiled
 graph serves every layer and every pass of a shape family.
 With ``train.fused_qkv`` the q/k/v projections run fused (``kava.qkv``: one base GEMM,
-one LoRA-A matmul), their inputs prepared per layer outside the compiled function.
+one LoRA-A matmul), their inputs prepared per layer outside the compiled function; with
+``eval.fused_qkv`` generation's static-cache passes on a merged copy run q/k/v as one GEMM.
 
 Supported: ``model_type`` llama, qwen2, mistral (SmolLM2 is llama) with full attention,
 no attention dropout and no q/k norms: the structure of their HF decoder layers, written
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
-from kava.qkv import FusedQKV, project_qkv
+from kava.qkv import FusedQKV, PlainQKV, project_plain, project_qkv
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -62,14 +63,17 @@ def attention_inputs(
     h: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    qkv: FusedQKV | None = None,
+    qkv: FusedQKV | PlainQKV | None = None,
 ):
     """Post-RoPE ``q [B, H_q, S, d]``, ``k, v [B, H_kv, S, d]`` of ``h [B, S, D]``.
-    ``qkv``: the layer's fused projections (``kava.qkv.prepare``), else peft's modules."""
+    ``qkv``: the layer's fused projections (``kava.qkv.prepare``: LoRA; ``prepare_plain``:
+    plain q/k/v of a merged copy), else the three modules."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     shape = (*h.shape[:-1], -1, attn.head_dim)
-    if qkv is not None:
+    if isinstance(qkv, PlainQKV):
+        q, k, v = project_plain(x, qkv)
+    elif qkv is not None:
         q, k, v = project_qkv(x, qkv)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)

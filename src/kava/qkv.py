@@ -18,6 +18,12 @@ a ``deepcopy``, which give each parameter its own storage, leave a layout that
 
 Any layer not in the one form handled here (see ``unfused_reason``) runs peft's modules
 unchanged.
+
+Generation on a LoRA-merged copy (``eval.fused_qkv``) has no adapters: q/k/v are plain
+``nn.Linear`` layers, laid out the same way, and ``project_plain`` is the one base GEMM
+(``prepare_plain``, ``plain_unfused_reason``). There the layout happens before any CUDA
+graph is captured (a graph keeps the pointers it saw) and is never redone during a
+capture: a layout lost by then runs the three modules instead.
 """
 
 from __future__ import annotations
@@ -41,6 +47,21 @@ class FusedQKV(NamedTuple):
     scaling: tuple[float, ...]  # peft's alpha / r per projection
     dropout: float  # peft's LoRA dropout probability, 0 when off or in eval mode
     cast_input: bool  # peft's cast of x to the adapters' dtype (cast_input_dtype_enabled)
+
+
+class PlainQKV(NamedTuple):
+    """What ``project_plain`` reads of one attention module whose q/k/v are plain
+    ``nn.Linear`` layers (a LoRA-merged copy)."""
+
+    weight: torch.Tensor  # [Dq + 2 * Dkv, D]: the three weights' rows
+    bias: torch.Tensor | None  # [Dq + 2 * Dkv] or None
+    sizes: tuple[int, int, int]  # Dq, Dkv, Dkv: where the output splits
+
+
+def _base_layer(proj: nn.Module) -> nn.Module:
+    """The ``nn.Linear`` holding a projection's frozen weight: a peft LoRA layer's
+    ``base_layer``, or the module itself (a plain or merged layer)."""
+    return getattr(proj, "base_layer", proj)
 
 
 def _has_hooks(proj: nn.Module, adapter: str) -> bool:
@@ -99,6 +120,28 @@ def unfused_reason(attn: nn.Module) -> str | None:
     return None
 
 
+def plain_unfused_reason(attn: nn.Module) -> str | None:
+    """Why ``attn``'s q/k/v cannot run as one plain GEMM (``project_plain``), or None:
+    each must be exactly an ``nn.Linear`` (no peft layer, no subclass), frozen and without
+    hooks, all three of one input size, dtype and device, with biases on all or none."""
+    projs = [getattr(attn, name, None) for name in PROJECTIONS]
+    for name, p in zip(PROJECTIONS, projs):
+        if type(p) is not nn.Linear:
+            kind = type(p)
+            return f"{name} is not a plain nn.Linear ({kind.__module__}.{kind.__qualname__})"
+        if any(t is not None and t.requires_grad for t in (p.weight, p.bias)):
+            return f"{name}'s weight or bias is trainable"
+        if p._forward_hooks or p._forward_pre_hooks:
+            return f"{name} has forward hooks"
+    keys = {
+        (p.in_features, p.weight.dtype, p.weight.device, None if p.bias is None else p.bias.dtype)
+        for p in projs
+    }
+    if len(keys) > 1:
+        return "q/k/v differ in input size, dtype, device or bias"
+    return None
+
+
 def _rows_of_one_buffer(parts: list[torch.Tensor]) -> torch.Tensor | None:
     """The tensor whose consecutive rows the contiguous ``parts`` are (in order, in one
     storage), or None if they are not laid out so."""
@@ -122,10 +165,9 @@ def _rows_of_one_buffer(parts: list[torch.Tensor]) -> torch.Tensor | None:
 def laid_out(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(weight [Dq + 2 * Dkv, D], bias [Dq + 2 * Dkv] or None)``: the buffer the three
     base weights (and biases) are views of, or None while they are not (before
-    ``lay_out``, or after a ``.to()`` gave each its own storage; or without LoRA)."""
-    bases = [getattr(getattr(attn, name), "base_layer", None) for name in PROJECTIONS]
-    if any(b is None for b in bases):
-        return None
+    ``lay_out``, or after a ``.to()`` gave each its own storage). The base weights: of
+    peft's LoRA layers or of plain ``nn.Linear`` q/k/v (``_base_layer``)."""
+    bases = [_base_layer(getattr(attn, name)) for name in PROJECTIONS]
     weight = _rows_of_one_buffer([b.weight for b in bases])
     if weight is None or bases[0].bias is None:
         return None if weight is None else (weight, None)
@@ -137,7 +179,7 @@ def lay_out(attn: nn.Module) -> None:
     """Move the three frozen base weights (and biases) of ``attn`` into one buffer each,
     every parameter a view of its rows (the same ``Parameter`` objects, values unchanged;
     their old storage is freed, so memory does not grow)."""
-    bases = [getattr(attn, name).base_layer for name in PROJECTIONS]
+    bases = [_base_layer(getattr(attn, name)) for name in PROJECTIONS]
     for attr in ("weight", "bias"):
         params = [getattr(b, attr) for b in bases]
         if params[0] is None:
@@ -173,6 +215,30 @@ def prepare(attn: nn.Module) -> FusedQKV | None:
         dropout=drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0,
         cast_input=bool(getattr(projs[0], "cast_input_dtype_enabled", True)),
     )
+
+
+def prepare_plain(attn: nn.Module) -> PlainQKV | None:
+    """``project_plain``'s inputs for ``attn`` whose q/k/v are plain ``nn.Linear`` layers,
+    laid out first when they are not; None (run the three modules) when the layer is not
+    in that form (``plain_unfused_reason``), or when its layout was lost and a CUDA graph
+    is being captured: laying out then would allocate inside the capture and free the
+    storage the captured kernels read, so the modules read the weights where they are."""
+    if plain_unfused_reason(attn) is not None:
+        return None
+    base = laid_out(attn)
+    if base is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return None
+        lay_out(attn)
+        base = laid_out(attn)
+    sizes = tuple(getattr(attn, name).out_features for name in PROJECTIONS)
+    return PlainQKV(weight=base[0], bias=base[1], sizes=sizes)
+
+
+def project_plain(x: torch.Tensor, qkv: PlainQKV) -> tuple[torch.Tensor, ...]:
+    """``q [B, S, Dq]``, ``k, v [B, S, Dkv]`` of ``x [B, S, D]``: what the three plain
+    ``nn.Linear`` q/k/v return, as one GEMM against their stacked weights."""
+    return F.linear(x, qkv.weight, qkv.bias).split(qkv.sizes, dim=-1)
 
 
 def dropout_masks(x: torch.Tensor, p: float, n: int = 3) -> torch.Tensor:
