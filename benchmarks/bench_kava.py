@@ -918,10 +918,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="generation layer passes uncompiled (eval.compile; compiled by default on cuda)",
     )
     g.add_argument(
-        "--no-fused-generation",
-        dest="fused_generation",
-        action="store_false",
-        help="generation's q/k/v as three GEMMs (eval.fused_qkv; one fused GEMM by default on cuda)",
+        "--fused-generation",
+        action="store_true",
+        help="generation's q/k/v as one fused GEMM (eval.fused_qkv, off by default; cuda only)",
     )
     g.add_argument(
         "--small-batch-questions",

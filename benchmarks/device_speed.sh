@@ -7,7 +7,7 @@
 # ab (after: default against --fused-qkv, train.fused_qkv, back to back; then grouped attention,
 # train.attention's other value, and --nl), qwen (before/after
 # Qwen2.5-0.5B), more (Qwen2.5-0.5B, Llama-3.2-3B after), gen (inference only, Llama-3.2-1B:
-# generation with fused q/k/v, eval.fused_qkv, against --no-fused-generation back to back;
+# generation with fused q/k/v, eval.fused_qkv, (--fused-generation) against the default back to back;
 # RESULTS.md's inference command, ~2-3 min each with the compile; no "before" tree needed).
 # Every run writes $OUT/$TAG-<name>.json as it goes (a cut run still returns what it measured)
 # and its log; a per-run time limit keeps the call inside the device's 10 minutes.
@@ -64,10 +64,10 @@ more)
   bench after-qwen-0.5b . 240 --arch qwen-0.5b --micro-batch 128 --steps 6 --warmup 2
   bench after-llama-3b . 280 --arch llama-3b --micro-batch 64 --steps 4 --warmup 2 ;;
 gen)
-  # default (fused q/k/v in generation) first, then the same without; each within 280 s
+  # fused q/k/v in generation (eval.fused_qkv) first, then the default without; 280 s each
   COMMON=("${INFER[@]}")
-  bench gen-llama1b-fused . 280 --arch llama-1b
-  bench gen-llama1b-unfused . 280 --arch llama-1b --no-fused-generation ;;
+  bench gen-llama1b-fused . 280 --arch llama-1b --fused-generation
+  bench gen-llama1b-unfused . 280 --arch llama-1b ;;
 *) echo "usage: TAG=c5 bash benchmarks/device_speed.sh llama1b|smollm2|ab|qwen|more|gen" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

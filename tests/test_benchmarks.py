@@ -121,9 +121,11 @@ def test_bf16_frozen_weights_train_only(bench, tmp_path):
 
 
 def test_fused_generation_flag(bench, monkeypatch):
-    """--no-fused-generation (eval.fused_qkv): fused by default on cuda, never on cpu."""
+    """--fused-generation (eval.fused_qkv): off by default, on when asked on cuda, never on
+    cpu."""
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)  # parsing only
     cuda = ["--arch", "tiny", "--device", "cuda"]
-    assert bench.parse_args(cuda).fused_generation is True
-    assert bench.parse_args([*cuda, "--no-fused-generation"]).fused_generation is False
-    assert bench.parse_args(["--arch", "tiny", "--device", "cpu"]).fused_generation is False
+    assert bench.parse_args(cuda).fused_generation is False
+    assert bench.parse_args([*cuda, "--fused-generation"]).fused_generation is True
+    cpu = ["--arch", "tiny", "--device", "cpu", "--fused-generation"]
+    assert bench.parse_args(cpu).fused_generation is False

@@ -241,11 +241,12 @@ def test_evaluation_with_fused_generation_predicts_the_same(
     assert len({p.text for p in runs[0]}) > 1
 
 
-def test_fused_generation_is_on_by_default_on_cuda_only(make_backbone, monkeypatch):
-    """eval.fused_qkv (default true) reaches the generator on CUDA only: on CPU evaluation
-    and ``Generator``'s default leave q/k/v unfused, the weights as they were."""
-    c = load_config(overrides=["method=kava"])
-    assert c.eval.fused_qkv is True
+def test_fused_generation_is_opt_in_and_cuda_only(make_backbone, monkeypatch):
+    """eval.fused_qkv (default false until a GPU measures it) reaches the generator on CUDA
+    only: on CPU evaluation and ``Generator``'s default leave q/k/v unfused, the weights as
+    they were."""
+    assert load_config(overrides=["method=kava"]).eval.fused_qkv is False
+    c = load_config(overrides=["method=kava", "eval.fused_qkv=true"])
     bb = make_backbone("llama", init_range=0.3)
     gen = evaluate.make_generator(bb, c)
     assert not gen.fused_qkv and not gen.bb._fuse_static_qkv
@@ -259,7 +260,7 @@ def test_fused_generation_is_on_by_default_on_cuda_only(make_backbone, monkeypat
     cuda = SimpleNamespace(new_token_embeddings=SimpleNamespace(device=torch.device("cuda")))
     evaluate.make_generator(cuda, c)
     assert seen["fused_qkv"] is True
-    evaluate.make_generator(cuda, load_config(overrides=["eval.fused_qkv=false"]))
+    evaluate.make_generator(cuda, load_config(overrides=["method=kava"]))  # the default
     assert seen["fused_qkv"] is False
     evaluate.make_generator(bb, c)
     assert seen["fused_qkv"] is False

@@ -227,8 +227,10 @@ class EvalConfig:
     # q/k/v of each generation layer pass as one GEMM (kava.qkv.project_plain) against the
     # merged copy's three weights laid out as rows of one buffer (no copy), instead of three
     # (CUDA only; on CPU generation stays as it was). Layers that are not plain nn.Linear
-    # q/k/v (eval.merge_lora: false keeps LoRA) run unfused. The same function.
-    fused_qkv: bool = True
+    # q/k/v (eval.merge_lora: false keeps LoRA) run unfused. The same function. Off until
+    # a GPU measures it (benchmarks/device_speed.sh gen): not yet run under inductor and
+    # CUDA graphs.
+    fused_qkv: bool = False
     # Evaluate a copy of the model with LoRA merged into the frozen weights (one matmul per
     # projection instead of three); the trained weights are left untouched.
     merge_lora: bool = True

@@ -86,8 +86,8 @@ class Generator:
     on CUDA). ``compile``: ``torch.compile`` the layer passes first
     (``Backbone.compile_generation``; batch, length and cache dims dynamic; default: on
     CUDA; a dict is passed to ``torch.compile`` as options). ``fused_qkv``: plain q/k/v
-    (a merged copy) as one GEMM per layer (``Backbone.fused_qkv_generation``; default: on
-    CUDA; laid out here, before any graph is captured; the backbone keeps the last
+    (a merged copy) as one GEMM per layer (``Backbone.fused_qkv_generation``; default off
+    as ``eval.fused_qkv``, which evaluation passes on CUDA only; laid out here, before any graph is captured; the backbone keeps the last
     generator's setting). ``check_every``: decoding steps between two reads of
     "every row is done". ``graph_prefill_tokens``: the question pass (pass 0, prefill) is
     graphed too when it carries at most this many positions (batch x columns): small
@@ -103,7 +103,7 @@ class Generator:
         check_every: int = 8,
         compile: bool | dict | None = None,
         graph_prefill_tokens: int = 2048,
-        fused_qkv: bool | None = None,
+        fused_qkv: bool = False,
     ):
         self.bb = backbone
         self.device = backbone.new_token_embeddings.device
@@ -118,8 +118,6 @@ class Generator:
         self.compiled = bool(compile) and backbone.compile_generation(
             **(compile if isinstance(compile, dict) else {})
         )
-        if fused_qkv is None:
-            fused_qkv = on_cuda
         self.fused_qkv = backbone.fused_qkv_generation(fused_qkv) > 0
         self.check_every = max(1, check_every)
         self.graph_prefill_tokens = graph_prefill_tokens
