@@ -86,9 +86,9 @@ class Generator:
     on CUDA). ``compile``: ``torch.compile`` the layer passes first
     (``Backbone.compile_generation``; batch, length and cache dims dynamic; default: on
     CUDA; a dict is passed to ``torch.compile`` as options). ``fused_qkv``: plain q/k/v
-    (a merged copy) as one GEMM per layer (``Backbone.fused_qkv_generation``; default off
-    as ``eval.fused_qkv``, which evaluation passes on CUDA only; laid out here, before any graph is captured; the backbone keeps the last
-    generator's setting). ``check_every``: decoding steps between two reads of
+    (a merged copy) as one GEMM per layer (``Backbone.fused_qkv_generation``; default off,
+    as ``eval.fused_qkv``, which evaluation passes on CUDA only; laid out here, before any
+    graph is captured; the backbone keeps the last generator's setting). ``check_every``: decoding steps between two reads of
     "every row is done". ``graph_prefill_tokens``: the question pass (pass 0, prefill) is
     graphed too when it carries at most this many positions (batch x columns): small
     ones are launch-bound like decoding (batch 1 on an H200: 2.0 ms graphed, ~16 ms

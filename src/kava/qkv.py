@@ -193,16 +193,29 @@ def lay_out(attn: nn.Module) -> None:
             start += p.shape[0]
 
 
+def stacked_base(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``laid_out(attn)``, laying the three base weights out first when they are not; None
+    when they are not and a CUDA graph is being captured: laying out then would allocate
+    inside the capture and free the storage the captured kernels read (the caller runs
+    the three modules, which read the weights where they are)."""
+    base = laid_out(attn)
+    if base is None and not (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    ):
+        lay_out(attn)
+        base = laid_out(attn)
+    return base
+
+
 def prepare(attn: nn.Module) -> FusedQKV | None:
     """``project_qkv``'s inputs for ``attn`` (laying its base weights out first when they
     are not), or None when the layer is not in the supported form (``unfused_reason``):
     it then runs unfused."""
     if unfused_reason(attn) is not None:
         return None
-    base = laid_out(attn)
+    base = stacked_base(attn)
     if base is None:
-        lay_out(attn)
-        base = laid_out(attn)
+        return None
     projs = [getattr(attn, name) for name in PROJECTIONS]
     adapter = projs[0].active_adapters[0]
     drop = projs[0].lora_dropout[adapter]
@@ -219,18 +232,13 @@ def prepare(attn: nn.Module) -> FusedQKV | None:
 
 def prepare_plain(attn: nn.Module) -> PlainQKV | None:
     """``project_plain``'s inputs for ``attn`` whose q/k/v are plain ``nn.Linear`` layers,
-    laid out first when they are not; None (run the three modules) when the layer is not
-    in that form (``plain_unfused_reason``), or when its layout was lost and a CUDA graph
-    is being captured: laying out then would allocate inside the capture and free the
-    storage the captured kernels read, so the modules read the weights where they are."""
+    laid out first when they are not (``stacked_base``); None (run the three modules) when
+    the layer is not in that form (``plain_unfused_reason``) or cannot be laid out now."""
     if plain_unfused_reason(attn) is not None:
         return None
-    base = laid_out(attn)
+    base = stacked_base(attn)
     if base is None:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            return None
-        lay_out(attn)
-        base = laid_out(attn)
+        return None
     sizes = tuple(getattr(attn, name).out_features for name in PROJECTIONS)
     return PlainQKV(weight=base[0], bias=base[1], sizes=sizes)
 
