@@ -24,10 +24,12 @@ def test_demo_is_reproducible_whatever_the_global_rng(tmp_path):
         assert main(["demo", "--out", str(out), *TINY]) == 0
         runs.append(out)
     a, b = runs
-    for which in ("eval-untrained", "eval-trained"):
+    for which in ("eval-untrained", "eval-trained", "nocot/eval-trained"):
         assert predictions(a, which) == predictions(b, which), which
     assert len(predictions(a, "eval-untrained").splitlines()) == 6
     rows = [json.loads((r / "demo_results.json").read_text())["rows"] for r in runs]
+    assert [r["model"] for r in rows[0]] == ["untrained", "KaVa (trained)", "No-CoT (trained)"]
+    assert rows[0][2]["mean_forward_passes"] < rows[0][1]["mean_forward_passes"]  # no latents
     for ra, rb in zip(*rows):  # the printed table, timings aside
         for key in ("model", "n", "correct", "accuracy", "mean_forward_passes"):
             assert ra[key] == rb[key], key

@@ -7,12 +7,13 @@ import torch
 
 from conftest import EXAMPLES, train_steps
 from kava import losses
-from kava.batching import collate, collate_student, encode
+from kava.batching import StudentBatch, collate, collate_student, encode
 from kava.config import load_config
 from kava.data import Example
-from kava.inference import generate_latent
+from kava.inference import Generator, generate_latent
 from kava.kv import stack_kv
-from kava.model import KavaModel, student_forward, teacher_forward
+from kava.model import KavaModel, answer_pass, latent_passes, student_forward, teacher_forward
+from kava.tokens import IGNORE
 
 ATOL = 1e-5
 
@@ -365,3 +366,39 @@ def test_kv_loss_is_minimised(make_backbone, arch):
         opt.step()
         history.append(loss.item())
     assert history[-1] < 0.5 * history[0], history
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("m,t", [(3, 2), (3, 0), (2, 3)])
+def test_training_answer_pass_scores_what_generation_generates(make_backbone, arch, m, t):
+    """Training and inference condition the answer on the same latents, positions and
+    cache: the answer pass that training scores, fed the tokens that greedy latent
+    generation produced (teacher forcing), has its argmax on those tokens at every
+    position, and its NLL is minus the sum of the log-softmax maxima."""
+    bb = make_backbone(arch, init_range=0.3)
+    enc = encoded(bb)
+    sb = collate(enc, bb.ids).student
+    prompt, n = enc[0].prompt, 5
+    gen = Generator(bb).latent(sb.question_ids, sb.question_mask, prompt, m, t, n, stop_token=None)
+    g = torch.tensor(gen.tokens)  # [B, n]
+    assert g.shape == (len(enc), n) and len({tuple(r) for r in gen.tokens}) > 1
+    head = torch.tensor([[bb.ids.eot, *prompt]] * len(enc))  # <eot> ++ prompt
+    batch = StudentBatch(
+        question_ids=sb.question_ids,
+        question_mask=sb.question_mask,
+        answer_ids=torch.cat([head, g], 1),
+        answer_mask=torch.ones(len(enc), head.shape[1] + n, dtype=torch.bool),
+        answer_labels=torch.cat([torch.full_like(head, IGNORE), g], 1),
+        distill_index=head.shape[1] - 1,
+    )
+    seen = []  # the logits training computes, [B * n, V], labelled positions row-major
+    logits = bb.logits
+    bb.logits = lambda h: seen.append(logits(h)) or seen[-1]
+    with torch.no_grad():
+        out = answer_pass(bb, batch, latent_passes(bb, sb.question_ids, sb.question_mask, m, t))
+    del bb.logits
+    (scored,) = seen
+    assert torch.equal(scored.argmax(-1).reshape(g.shape), g)
+    best = scored.log_softmax(-1).max(-1).values.reshape(g.shape).sum(-1)
+    torch.testing.assert_close(out.nll_sum, -best)
+    assert out.count.tolist() == [n] * len(enc)

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -217,7 +218,13 @@ class Backbone(nn.Module):
                 target_modules=list(lora_cfg.target_modules),
                 task_type="CAUSAL_LM",
             )
-            lm = get_peft_model(lm, peft_cfg)
+            with warnings.catch_warnings():
+                # peft 0.21 reads model.is_gradient_checkpointing, deprecated in transformers
+                # 5: a FutureWarning in every run that is not kava's (nor the user's) to act on
+                warnings.filterwarnings(
+                    "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+                )
+                lm = get_peft_model(lm, peft_cfg)
         return cls(lm, tokenizer, use_projection)
 
     # --- running -----------------------------------------------------------------------

