@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +14,16 @@ import yaml
 from conftest import EXAMPLES
 from kava.batching import encode, encode_steps
 from kava.cli import main
-from kava.config import CoconutConfig, IcotConfig, load_config
+from kava.config import CoconutConfig, ConfigError, IcotConfig, load_config
 from kava.curricula import (
     Curriculum,
     coconut_stage,
     icot_removal,
     smoothing_distribution,
 )
+from kava.experiments import load_spec
+from kava.methods import METHODS
+from kava.parallel import steps_per_epoch
 from test_train import read_log, write_config
 
 INF = math.inf
@@ -176,3 +180,99 @@ def test_resume_across_switches_is_exact_and_resets_the_optimizer(tmp_path, tiny
     for a, b in zip(full, resumed):
         assert a["curriculum"] == b["curriculum"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a, b)
+
+
+# --- training reaches the form evaluation answers in ---------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIGS = sorted((REPO / "src" / "kava" / "configs").glob("*.yaml"))
+SHIPPED_SPECS = sorted(
+    [*(REPO / "experiments").glob("*.yaml"), *(REPO / "results").glob("*/*.yaml")]
+)
+CURRICULUM_METHODS = [m for m, spec in METHODS.items() if spec.curriculum != "none"]
+
+
+def eval_form_check(cfg, longest_cot=10_000):
+    """``check_reaches_eval_form`` at the run's own schedule: the exact steps per epoch of
+    synthetic data, a nominal 1,000 for a named dataset (the check is then a ratio of
+    epochs, to rounding)."""
+    t = cfg.train
+    if cfg.data.train == "synthetic":
+        accum = t.global_batch_size // t.micro_batch_size
+        spe = steps_per_epoch(cfg.data.synthetic_train_size, t.micro_batch_size, accum, 1)
+    else:
+        spe = 1000
+    total = t.max_steps or math.ceil(t.epochs * spe)
+    return Curriculum(cfg, spe, None).check_reaches_eval_form(longest_cot, total)
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("method", CURRICULUM_METHODS)
+def test_shipped_configs_train_the_form_they_are_evaluated_in(path, method):
+    """Every config kava ships, trained with iCoT or Coconut, reaches the layout its
+    evaluation answers in (no written CoT) and spends at least a tenth of training there."""
+    cfg = load_config(path, [f"method={method}"])
+    first = eval_form_check(cfg)
+    total = cfg.train.max_steps or math.ceil(cfg.train.epochs * 1000)
+    if cfg.data.train != "synthetic":
+        assert first <= 0.9 * total, (first, total)
+
+
+@pytest.mark.parametrize("path", SHIPPED_SPECS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_shipped_experiments_train_the_form_they_are_evaluated_in(path):
+    for run in load_spec(path).runs:
+        if run.cfg.method_spec.curriculum != "none":
+            eval_form_check(run.cfg)  # raises naming the keys
+
+
+@pytest.mark.parametrize(
+    "method, over, steps_per_epoch, total, longest, first",
+    [
+        # stage 3 + 1 = 4 from step 4 x round(0.75 x 55) = 4 x 41 = 164 (< 165: reached)
+        ("coconut", {"coconut.epochs_per_stage": 0.75}, 55, 165, 50, 164),
+        ("coconut", {"coconut.epochs_per_stage": 0.75}, 55, 164, 50, None),  # ends at 164
+        ("coconut", {"coconut.max_latent_stage": 1, "coconut.epochs_per_stage": 1}, 10, 21, 9, 20),
+        # iCoT: round(55 / 16) = 3 steps per token, all removed once 39 are: step 117
+        ("icot", {"icot.remove_per_epoch": 16}, 55, 165, 80, 117),
+        ("icot", {"icot.remove_per_epoch": 16}, 55, 117, 80, None),
+        # the longest CoT (20 tokens) gone before 39: step 60; without the jump: the longest
+        ("icot", {"icot.remove_per_epoch": 16}, 55, 61, 20, 60),
+        ("icot", {"icot.remove_all_when_remove_beyond": None}, 16, 100, 30, 60),
+        ("icot", {"icot.remove_start_from": 5, "icot.remove_per_epoch": 16}, 16, 35, 30, 25),
+    ],
+)
+def test_eval_form_step(method, over, steps_per_epoch, total, longest, first):
+    cfg = load_config(overrides={"method": method, **over})
+    cur = Curriculum(cfg, steps_per_epoch, None)
+    if first is None:
+        with pytest.raises(ConfigError, match="before the curriculum reaches the form") as err:
+            cur.check_reaches_eval_form(longest, total)
+        key = "coconut.epochs_per_stage" if method == "coconut" else "icot.remove_per_epoch"
+        assert key in str(err.value) and f"after {total} steps" in str(err.value)
+    else:
+        assert cur.eval_form_step(longest) == first
+        assert cur.check_reaches_eval_form(longest, total) == first
+        # the schedule itself: the step before has a written CoT left, the step has none
+        if method == "coconut":
+            top = cfg.coconut.max_latent_stage
+            assert coconut_stage(first, steps_per_epoch, cfg.coconut) == top + 1
+            assert coconut_stage(first - 1, steps_per_epoch, cfg.coconut) == top
+        else:
+            removal = [icot_removal(s, steps_per_epoch, cfg.icot) for s in (first - 1, first)]
+            assert removal[0] < longest and removal[1] >= longest
+
+
+def test_training_that_never_reaches_the_eval_form_is_refused(tmp_path, tiny_model_dir, capsys):
+    """``kava train`` refuses before its first step, naming the keys; with a schedule that
+    does reach it, the log line says from which step."""
+    path = write_config(
+        tmp_path,
+        tiny_model_dir,
+        method="coconut",
+        coconut={"max_latent_stage": 2, "epochs_per_stage": 1},
+        train={"max_steps": 3},
+    )
+    assert main(["train", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "coconut.epochs_per_stage" in err and "training ends after 3 steps" in err
+    assert not (tmp_path / "run" / "final").exists()

@@ -84,7 +84,7 @@ CONFIGS = {
         n_examples=9,
         max_steps=3,
         method="coconut",
-        coconut={"epochs_per_stage": 0.5, "uniform_prob": 0.5},
+        coconut={"epochs_per_stage": 0.5, "uniform_prob": 0.5, "max_latent_stage": 1},
     ),
     # a global batch of 8: 4 micro-batches on 1 process, 2 each (accumulated) on 2
     "random": dict(n_examples=17, max_steps=3, rkv={"method": "random"}, global_batch=8),

@@ -29,7 +29,7 @@ def write_config(tmp_path, model_dir, **extra):
         "eval": {"datasets": ["synthetic"], "limit": 6, "batch_size": 4, "max_new_tokens": 4},
     }
     for k, v in extra.items():
-        cfg[k].update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
+        cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

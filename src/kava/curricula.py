@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from kava.batching import Batch, CoconutBatch, Encoded, collate, collate_coconut, drop_cot_prefix
-from kava.config import CoconutConfig, IcotConfig, KavaConfig
+from kava.config import CoconutConfig, ConfigError, IcotConfig, KavaConfig
 from kava.parallel import draw_seed
 from kava.tokens import SpecialIds
 
@@ -125,6 +125,56 @@ class Curriculum:
         if self.kind == "thought_stages":
             return float(coconut_stage(step, self.steps_per_epoch, self.cfg.coconut))
         return None
+
+    def eval_form_step(self, longest_cot: int) -> int | None:
+        """The first optimizer step whose sequences have the form evaluation answers in
+        (iCoT: no CoT token left, ``longest_cot`` being the longest CoT in tokens; Coconut:
+        every CoT step replaced by thoughts, stage ``max_latent_stage + 1``), None without
+        a curriculum. Removal smoothing and ``uniform_prob`` reach it earlier for some
+        examples; this is when every example does."""
+        if self.kind == "token_removal":
+            i = self.cfg.icot
+            beyond = i.remove_all_when_remove_beyond
+            target = longest_cot if beyond is None else min(beyond, longest_cot)
+            per = icot_steps_per_token(self.steps_per_epoch, i)
+            return per * max(0, target - i.remove_start_from)
+        if self.kind == "thought_stages":
+            c = self.cfg.coconut
+            return (c.max_latent_stage + 1) * coconut_steps_per_stage(self.steps_per_epoch, c)
+        return None
+
+    def check_reaches_eval_form(self, longest_cot: int, total_steps: int) -> int | None:
+        """``eval_form_step``, or a ``ConfigError`` naming the keys when training ends
+        before it: evaluation would answer in a form the model never trained on."""
+        first = self.eval_form_step(longest_cot)
+        if first is None or first < total_steps:
+            return first
+        spe = self.steps_per_epoch
+        if self.kind == "token_removal":
+            i = self.cfg.icot
+            why = (
+                f"iCoT removes one more CoT token every {icot_steps_per_token(spe, i)} steps "
+                f"(icot.remove_per_epoch {i.remove_per_epoch:g} at {spe} steps per epoch) and "
+                f"removes the whole CoT (longest: {longest_cot} tokens; "
+                f"icot.remove_all_when_remove_beyond {i.remove_all_when_remove_beyond}) from "
+                f"step {first}"
+            )
+            fix = "raise icot.remove_per_epoch or lower icot.remove_all_when_remove_beyond"
+        else:
+            c = self.cfg.coconut
+            why = (
+                f"Coconut replaces every CoT step by thoughts from stage "
+                f"coconut.max_latent_stage + 1 = {c.max_latent_stage + 1}, which starts at step "
+                f"{first} ({coconut_steps_per_stage(spe, c)} steps per stage: "
+                f"coconut.epochs_per_stage {c.epochs_per_stage:g} x {spe} steps per epoch)"
+            )
+            fix = "lower coconut.epochs_per_stage or coconut.max_latent_stage"
+        raise ConfigError(
+            f"method {self.cfg.method}: training ends after {total_steps} steps, before the "
+            f"curriculum reaches the form evaluation answers in: {why}. Evaluation would "
+            f"score a form the model never trained on; {fix}, or train longer "
+            "(train.epochs / train.max_steps)"
+        )
 
     def switches_at(self, step: int) -> bool:
         """The stage / removal count of ``step`` differs from the previous step's."""

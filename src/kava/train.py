@@ -456,6 +456,13 @@ def train(cfg: KavaConfig, resume: bool = False, progress: bool = True) -> Path:
     else:
         scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
     curriculum = Curriculum(cfg, steps_per_epoch, backbone.ids)
+    if curriculum.kind != "none":
+        longest_cot = max((len(e.cot) for e in data.items), default=0)
+        first = curriculum.check_reaches_eval_form(longest_cot, total_steps)
+        accelerator.print(
+            f"curriculum: the form evaluation answers in (no written CoT) trains from step "
+            f"{first} of {total_steps} ({(total_steps - first) / total_steps:.0%} of training)"
+        )
     layout = parallel.describe(world, fsdp=fsdp)
 
     step = 0
