@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import yaml
@@ -13,7 +14,7 @@ import kava.checkpoint
 import kava.train
 from kava.cli import main
 from kava.config import ConfigError, load_config
-from kava.data import DataError, Example, load_examples, read_file
+from kava.data import NAMED, DataError, Example, data_root, load_examples, read_file
 from kava.train import check_cot
 from test_train import write_config
 
@@ -120,7 +121,10 @@ def test_empty_question_is_refused(tmp_path, no_model, capsys):
 
 
 def test_cot_methods_refuse_data_without_cot(tmp_path, tiny_model_dir, capsys, caplog):
-    cfg = write_config(tmp_path, tiny_model_dir, data={"train": "svamp"})
+    # SVAMP's questions have no CoT (a copy: the test set itself is refused as training data)
+    nocot = tmp_path / "no_cot.json"
+    shutil.copy(data_root() / NAMED["svamp"], nocot)
+    cfg = write_config(tmp_path, tiny_model_dir, data={"train": str(nocot)})
     assert main(["train", str(cfg), "--no-progress"]) == 2
     assert "none of the 1000 examples has a chain of thought" in last_error_line(capsys)
     assert not (tmp_path / "run").exists()

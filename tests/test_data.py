@@ -447,3 +447,39 @@ def test_synthetic_variety_and_args() -> None:
     assert kd.synthetic_examples(0) == []
     with pytest.raises(ValueError):
         kd.synthetic_examples(5, min_steps=3, max_steps=2)
+
+
+def test_synthetic_parts_never_share_a_question() -> None:
+    """Training, validation and held-out test problems are disjoint whatever the seeds:
+    the validation draw of seed 0 (train.seed + 1_000_003) and the test draw (1_000_003)
+    once were the same problems."""
+    parts = {
+        "train": kd.synthetic_examples(2000, 0, 2, 2, part="train"),
+        "validation": kd.synthetic_examples(300, 1_000_003, 2, 2, part="validation"),
+        "test": kd.synthetic_examples(300, 1_000_003, 2, 2, part="test"),
+    }
+    questions = {name: {e.question for e in ex} for name, ex in parts.items()}
+    assert not questions["train"] & questions["validation"]
+    assert not questions["train"] & questions["test"]
+    assert not questions["validation"] & questions["test"]
+    for name, ex in parts.items():
+        assert {kd.synthetic_part(e.question) for e in ex} == {name}
+    # the part is load_examples' split; one outside the three is refused, naming the key
+    val = kd.load_examples(
+        "synthetic", split="validation", seed=1_000_003, synthetic_size=300, synthetic_steps=(2, 2)
+    )
+    assert val == parts["validation"]
+    with pytest.raises(kd.DataError, match="data.train_split"):
+        kd.load_examples("synthetic", split="dev")
+
+
+def test_synthetic_validation_is_not_the_held_out_test_set() -> None:
+    from kava.config import load_config
+    from kava.evaluate import load_eval_examples
+    from kava.train import load_validation_examples
+
+    over = ["train.eval_every=10", "train.eval_dataset=synthetic", "train.eval_limit=100"]
+    cfg = load_config("demo", over)
+    val, test = load_validation_examples(cfg), load_eval_examples("synthetic", cfg, 1000)
+    assert len(val) == 100 and len(test) == 1000
+    assert not {e.question for e in val} & {e.question for e in test}

@@ -66,6 +66,39 @@ def test_selection_on_a_test_set_is_refused(test_set):
         load_config(None, [f"train.eval_dataset={test_set}", "train.eval_every=10"])
 
 
+@pytest.mark.parametrize("key", ["train.eval_dataset", "data.train"])
+def test_a_test_set_file_is_refused_however_named(key, tmp_path):
+    """A path to a test set's file is that test set, written any way (here through a
+    symlink and a '..'), for selection and for training alike."""
+    from kava.data import NAMED, data_root
+
+    real = data_root() / NAMED["gsm8k"]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(real.resolve())
+    for spec in (str(real), str(tmp_path / "sub" / ".." / "link.jsonl")):
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}: .*the test set 'gsm8k'"):
+            load_config(None, [f"{key}={spec}", "train.eval_every=10"])
+    # another file is not a test set
+    load_config(None, [f"{key}={data_root() / NAMED['gsm8k-aug-valid']}", "train.eval_every=10"])
+
+
+@pytest.mark.parametrize("test_set", ["gsm8k", "svamp", "gsm-hard", "multiarith", "gsm8k-aug-test"])
+def test_training_on_a_test_set_is_refused(test_set):
+    """``data.train: gsm8k`` was the 1,319 test questions, with ``train_split: train``
+    silently ignored; GSM8k's train split has its own names."""
+    with pytest.raises(ConfigError, match=r"data\.train: .*test set.*gsm8k-train"):
+        load_config(None, [f"data.train={test_set}"])
+    load_config(None, ["data.train=gsm8k-train-eq"])
+
+
+def test_a_split_for_data_without_splits_is_refused():
+    for train in ("synthetic", "gsm8k-train", "gsm8k-train-eq"):
+        with pytest.raises(ConfigError, match=r"data\.train_split: 'test': only a Hub"):
+            load_config(None, [f"data.train={train}", "data.train_split=test"])
+    cfg = load_config(None, ["data.train=whynlp/gsm8k-aug", "data.train_split=validation"])
+    assert cfg.data.train_split == "validation"  # a Hub id: the split is its own
+
+
 def test_eval_every_must_be_non_negative():
     with pytest.raises(ConfigError, match=r"train\.eval_every"):
         load_config(None, ["train.eval_every=-1"])

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from kava.data import TEST_SETS
+from kava.data import HELD_OUT, NAMED, TEST_SETS, test_set_of
 from kava.methods import DEFAULT_METHOD, METHODS, Method
 
 
@@ -428,11 +428,12 @@ def validate(cfg: KavaConfig) -> None:
     _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables validation)")
     _check(t.eval_limit is None or t.eval_limit >= 1, "train.eval_limit", "must be >= 1")
+    test = test_set_of(t.eval_dataset)
     _check(
-        t.eval_dataset not in TEST_SETS,
+        test is None,
         "train.eval_dataset",
-        f"{t.eval_dataset!r} is a test set ({', '.join(TEST_SETS)}): choose checkpoints on a "
-        "validation split (e.g. gsm8k-aug-valid)",
+        f"{t.eval_dataset!r} is the test set {test!r} ({', '.join(TEST_SETS)} are test sets): "
+        "choose checkpoints on a validation split (e.g. gsm8k-aug-valid)",
     )
     if isinstance(t.report_to, str):
         t.report_to = [t.report_to]
@@ -446,6 +447,21 @@ def validate(cfg: KavaConfig) -> None:
         )
     _check(len(set(t.report_to)) == len(t.report_to), "train.report_to", "duplicate trackers")
     d = cfg.data
+    test = test_set_of(d.train)
+    _check(
+        test is None,
+        "data.train",
+        f"{d.train!r} is the test set {test!r} ({', '.join(TEST_SETS)} are test sets, "
+        "reported once, never trained on); GSM8k's train split is gsm8k-train (or "
+        "gsm8k-train-eq / gsm8k-train-nl, without GSM8k-Aug's validation questions)",
+    )
+    local = d.train == "synthetic" or d.train in NAMED or d.train in HELD_OUT
+    _check(
+        d.train_split == "train" or not (local or Path(d.train).is_file()),
+        "data.train_split",
+        f"{d.train_split!r}: only a Hub dataset id has splits; {d.train!r} is read whole "
+        "(leave data.train_split at 'train')",
+    )
     for name in ("max_question_tokens", "max_cot_tokens", "max_answer_tokens"):
         _check(getattr(d, name) >= 1, f"data.{name}", "must be >= 1")
     _check(d.limit is None or d.limit >= 1, "data.limit", "must be >= 1 or null (all)")

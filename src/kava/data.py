@@ -18,6 +18,7 @@ Every parse error is a ``DataError`` whose message names the file (or dataset id
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -59,6 +60,22 @@ HELD_OUT: dict[str, tuple[str, str, str]] = {
 
 # Test sets: reported once, never used to choose a checkpoint or a hyperparameter.
 TEST_SETS = ("gsm8k", "gsm8k-aug-test", "svamp", "gsm-hard", "multiarith")
+
+
+def test_set_of(spec: str) -> str | None:
+    """The test set (``TEST_SETS``) that ``spec`` names or whose file it is (the same file
+    under ``data_root()``, however the path is written), else None."""
+    if spec in TEST_SETS:
+        return spec
+    path = Path(spec)
+    if not path.is_file():
+        return None
+    for name in TEST_SETS:
+        named = data_root() / NAMED[name] if name in NAMED else None
+        if named is not None and named.is_file() and named.resolve() == path.resolve():
+            return name
+    return None
+
 
 # Named sets that can also be loaded from the Hub: name -> (dataset id, config, split).
 HUB_FALLBACK: dict[str, tuple[str, str, str]] = {
@@ -496,7 +513,7 @@ def load_examples(
     """Load examples from ``spec`` and keep the first ``limit``.
 
     ``spec`` is one of: ``"synthetic"`` (uses ``seed``, ``synthetic_size``,
-    ``synthetic_steps``); a ``NAMED`` key (file under ``data_root()``, or the Hub for keys in
+    ``synthetic_steps``, and ``split`` as its part: train, validation or test); a ``NAMED`` key (file under ``data_root()``, or the Hub for keys in
     ``HUB_FALLBACK`` when the file is missing); a ``HELD_OUT`` key (a named set less the
     questions of another); an existing file path; otherwise a Hub
     dataset id (``split`` applies only to this last case).
@@ -504,7 +521,12 @@ def load_examples(
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     if spec == "synthetic":
-        examples = synthetic_examples(synthetic_size, seed, *synthetic_steps)
+        if split not in SYNTHETIC_PARTS:
+            raise DataError(
+                f"synthetic data has the splits {', '.join(SYNTHETIC_PARTS)}, not {split!r} "
+                "(data.train_split)"
+            )
+        examples = synthetic_examples(synthetic_size, seed, *synthetic_steps, part=split)
     elif spec in NAMED:
         examples = _load_named(spec, steps_format)
     elif spec in HELD_OUT:
@@ -697,20 +719,41 @@ def _synthetic_problem(rng: random.Random, num_steps: int) -> Example:
     return Example(" ".join(sentences), tuple(steps), str(x))
 
 
+# The synthetic problems are split by a hash of their question text, so that training,
+# validation and held-out test problems never coincide, whatever the seeds and sizes
+# (independent draws otherwise meet: ~4 % of 1,000 two-step problems are among 10,000
+# others): 1 in 10 questions is a test problem, 1 in 10 a validation one.
+SYNTHETIC_PARTS = ("train", "validation", "test")
+
+
+def synthetic_part(question: str) -> str:
+    """Which part of the synthetic data ``question`` belongs to (``SYNTHETIC_PARTS``)."""
+    bucket = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 10
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
 def synthetic_examples(
-    n: int, seed: int = 0, min_steps: int = 2, max_steps: int = 4
+    n: int, seed: int = 0, min_steps: int = 2, max_steps: int = 4, part: str = "train"
 ) -> list[Example]:
-    """Generate ``n`` seeded multi-step arithmetic word problems.
+    """Generate ``n`` seeded multi-step arithmetic word problems of ``part``.
 
     Difficulty is the number of steps, uniform in ``min_steps..max_steps``. Each problem
     starts from a number 1..20 and applies that many operations (add/subtract 1..20,
     multiply/divide by 2..5, exact divisions, every intermediate result in 0..999).
-    Steps are equations like ``"<<7+5=12>>"``; the answer is the last result. The same
-    seed always gives the same list.
+    Steps are equations like ``"<<7+5=12>>"``; the answer is the last result. Problems of
+    another part (``synthetic_part``) are drawn and passed over, so the parts never share
+    a question. The same seed and part always give the same list.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if not 1 <= min_steps <= max_steps:
         raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
+    if part not in SYNTHETIC_PARTS:
+        raise ValueError(f"synthetic part must be one of {SYNTHETIC_PARTS}, got {part!r}")
     rng = random.Random(seed)
-    return [_synthetic_problem(rng, rng.randint(min_steps, max_steps)) for _ in range(n)]
+    out: list[Example] = []
+    while len(out) < n:
+        example = _synthetic_problem(rng, rng.randint(min_steps, max_steps))
+        if synthetic_part(example.question) == part:
+            out.append(example)
+    return out
