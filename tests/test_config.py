@@ -188,6 +188,20 @@ def test_help_explains(capsys):
     assert "forward passes" in capsys.readouterr().out
 
 
+def test_eval_help_states_the_real_out_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert "<checkpoint>/eval" not in out
+    for default in (
+        "CKPT/eval for a checkpoint folder",
+        "RUN/final/eval for a run folder RUN",
+        "runs/eval/<Hub id",
+        "runs/eval-untrained with --config",
+    ):
+        assert default in out
+
+
 def test_demo_refuses_a_folder_that_is_not_a_demo_run(tmp_path, capsys):
     (tmp_path / "precious.txt").write_text("keep me")
     assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 2

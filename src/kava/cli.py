@@ -108,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=_positive_int, help="generation batch size (default eval.batch_size)"
     )
-    p.add_argument("--out", help="output folder (default <checkpoint>/eval)")
+    p.add_argument(
+        "--out",
+        help="output folder (default: CKPT/eval for a checkpoint folder CKPT, RUN/final/eval "
+        "for a run folder RUN; runs/eval/<Hub id, each character outside A-Z a-z 0-9 . _ - "
+        "as _> for a Hub id; runs/eval-untrained with --config)",
+    )
     _add_overrides(p)
     p.add_argument("--no-progress", action="store_true")
 
