@@ -103,7 +103,7 @@ def test_bad_ranges_are_refused_before_anything_is_written(
     cfg = write_config(tmp_path, tiny_model_dir)
     assert main(["train", str(cfg), "--set", override]) == 2
     key = override.split("=")[0]
-    assert f"error: {cfg}: {key}: must be" in last_error_line(capsys)
+    assert f"error: --set {override}: {key}: must be" in last_error_line(capsys)
     assert not (tmp_path / "run").exists()
 
 

@@ -147,6 +147,29 @@ def test_bad_overrides():
         load_config("no-such-config")
 
 
+def test_override_errors_name_the_override_not_the_file(tmp_path):
+    demo = str(PACKAGED_CONFIGS / "demo.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", ["train.lr=abc"])
+    assert str(e.value) == "--set train.lr=abc: train.lr: expected a number, got 'abc'"
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", ["eval.batch_size=2", "train.lrr=1"])
+    assert str(e.value).startswith("--set train.lrr=1: unknown config key train.lrr (known:")
+    with pytest.raises(ConfigError) as e:  # a list item under the overridden key
+        load_config("demo", ["lora.target_modules=[1]"])
+    assert str(e.value).startswith("--set lora.target_modules=[1]: lora.target_modules[0]:")
+    with pytest.raises(ConfigError) as e:  # a check across keys the override broke
+        load_config("demo", ["data.synthetic_min_steps=99"])
+    assert str(e.value).startswith("--set data.synthetic_min_steps=99: data.synthetic_max_steps:")
+    assert demo not in str(e.value)
+    path = tmp_path / "bad.yaml"  # a bad value in the file still names the file
+    path.write_text("train: {lr: -1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["eval.batch_size=2"])
+    assert str(e.value) == f"{path}: train.lr: must be > 0"
+    assert load_config(path, ["train.lr=0.1"]).train.lr == 0.1  # an override may fix the file
+
+
 def test_cli_reports_config_errors(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("bogus: 1\n")
@@ -163,6 +186,20 @@ def test_help_explains(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "forward passes" in capsys.readouterr().out
+
+
+def test_eval_help_states_the_real_out_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert "<checkpoint>/eval" not in out
+    for default in (
+        "CKPT/eval for a checkpoint folder",
+        "RUN/final/eval for a run folder RUN",
+        "runs/eval/<Hub id",
+        "runs/eval-untrained with --config",
+    ):
+        assert default in out
 
 
 def test_demo_refuses_a_folder_that_is_not_a_demo_run(tmp_path, capsys):

@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from kava import LatentReasoner
-from kava.card import EVAL_RESULTS, model_card
+from kava.card import EVAL_RESULTS, model_card, write_card
 from kava.cli import main
 from kava.config import load_config
+from kava.hub import push, push_plan
 from kava.manifest import PACKAGES, config_sha256, git_state, start_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_push_dry_run_lists_the_files(checkpoint, tmp_path, capsys, monkeypatch)
         raise AssertionError("a dry run must not talk to the Hub")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", no_network)
-    (checkpoint / "README.md").unlink()  # refreshed by push
+    (checkpoint / "README.md").unlink()  # a push would write it: the plan lists it
     plan_file = tmp_path / "plan.json"
     cmd = ["push", str(checkpoint), "me/kava-tiny", "--dry-run", "--plan", str(plan_file)]
     assert main(cmd) == 0
@@ -141,7 +142,31 @@ def test_push_dry_run_lists_the_files(checkpoint, tmp_path, capsys, monkeypatch)
     assert {"trainer_state.pt", "rng_state_0.pt"} <= set(plan["excluded"])
     assert not files & set(plan["excluded"])
     assert plan["repo_id"] == "me/kava-tiny" and plan["private"] is False
-    assert (checkpoint / "README.md").is_file()
+    assert not (checkpoint / "README.md").exists()  # a dry run writes nothing
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_push_dry_run_leaves_the_folder_unchanged(checkpoint, monkeypatch):
+    def no_network(*a, **k):
+        raise AssertionError("a dry run must not talk to the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", no_network)
+    (checkpoint / "README.md").write_text("a stale card\n")  # a push would rewrite it
+    (checkpoint / EVAL_RESULTS).write_text(json.dumps({"results": []}))
+    before = snapshot(checkpoint)
+    assert main(["push", str(checkpoint), "me/kava-tiny", "--dry-run"]) == 0
+    assert snapshot(checkpoint) == before
+    plan = push(checkpoint, "me/kava-tiny", dry_run=True)
+    assert snapshot(checkpoint) == before
+    # the plan is the one a real push uploads: the refreshed card, with its size
+    write_card(checkpoint)
+    assert plan == push_plan(checkpoint, "me/kava-tiny")
+    assert (checkpoint / "README.md").read_text() != "a stale card\n"
 
 
 def test_push_uploads_and_loads_back(checkpoint, tmp_path, monkeypatch):

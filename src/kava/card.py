@@ -201,18 +201,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_card(folder: str | Path) -> Path:
-    """(Re)write ``README.md`` of a checkpoint folder from its files."""
+def card_text(folder: str | Path) -> str:
+    """The ``README.md`` a checkpoint folder's files make (``write_card`` writes it)."""
     folder = Path(folder)
-    cfg = load_config(folder / "config.yaml")
-    text = model_card(
-        cfg,
+    return model_card(
+        load_config(folder / "config.yaml"),
         manifest=read_manifest(folder),
         selection=_read_json(folder / "selection.json"),
         evals=read_eval_results(folder),
     )
-    path = folder / CARD
-    path.write_text(text)
+
+
+def write_card(folder: str | Path) -> Path:
+    """(Re)write ``README.md`` of a checkpoint folder from its files."""
+    path = Path(folder) / CARD
+    path.write_text(card_text(folder))
     return path
 
 

@@ -108,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=_positive_int, help="generation batch size (default eval.batch_size)"
     )
-    p.add_argument("--out", help="output folder (default <checkpoint>/eval)")
+    p.add_argument(
+        "--out",
+        help="output folder (default: CKPT/eval for a checkpoint folder CKPT, RUN/final/eval "
+        "for a run folder RUN; runs/eval/<Hub id, each character outside A-Z a-z 0-9 . _ - "
+        "as _> for a Hub id; runs/eval-untrained with --config)",
+    )
     _add_overrides(p)
     p.add_argument("--no-progress", action="store_true")
 
@@ -128,13 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(create_repo + upload_folder; your Hub token as huggingface_hub finds it). The model "
         "card README.md is refreshed from the folder first; the training-resume state "
         "(trainer_state.pt, rng_state_*.pt) is not uploaded. --dry-run prints the plan as "
-        "JSON (the files that would be uploaded) and uploads nothing. Load it back with "
+        "JSON (the files that would be uploaded, the refreshed card among them), uploads "
+        "nothing and leaves the folder unchanged. Load it back with "
         "LatentReasoner.from_pretrained(REPO_ID) or kava eval --checkpoint REPO_ID.",
     )
     p.add_argument("checkpoint", help="a checkpoint folder (RUN/final or RUN/best)")
     p.add_argument("repo_id", help="Hub repo id, e.g. you/kava-llama1b-gsm8k")
     p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, upload nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan; upload and write nothing"
+    )
     p.add_argument("--plan", help="also write the plan (JSON) to this file")
 
     p = sub.add_parser(

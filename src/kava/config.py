@@ -7,6 +7,7 @@ dotted key (e.g. ``kv_loss.type``). ``--set key=value`` overrides use the same d
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -555,20 +556,54 @@ def read_config_data(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _error_key(message: str) -> str:
+    """The dotted key a ConfigError message starts with (``train.lr: ...``), else ''."""
+    m = re.match(r"(?:unknown config key )?([A-Za-z_][\w.\[\]]*)", message)
+    return m.group(1) if m else ""
+
+
+def _touches(error_key: str, override_key: str) -> bool:
+    """Whether an override of ``override_key`` set (or sits under) the key an error names."""
+    a, b = error_key, override_key
+    return a == b or any(x.startswith(y + sep) for x, y in ((a, b), (b, a)) for sep in ".[")
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> KavaConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    An error names where the bad value came from: the file (``path: key: ...``), or the
+    ``--set key=value`` override(s) that set it (``--set key=value: key: ...``).
+    """
     data: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)
         data = read_config_data(path)
-    if overrides:
-        data = apply_overrides(data, overrides)
+    if not overrides:
+        try:
+            return from_dict(KavaConfig, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+    texts = (
+        list(overrides)
+        if isinstance(overrides, list)
+        else [f"{k}={v}" for k, v in overrides.items()]
+    )
+    keys = [t.split("=", 1)[0].strip() for t in texts]
+    merged = apply_overrides(copy.deepcopy(data), overrides)
     try:
-        return from_dict(KavaConfig, data)
+        return from_dict(KavaConfig, merged)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+        key = _error_key(str(e))
+        culprits = [t for t, k in zip(texts, keys) if key and _touches(key, k)]
+        if not culprits:  # a check across keys: the overrides are to blame if the file is fine
+            try:
+                from_dict(KavaConfig, copy.deepcopy(data))
+            except ConfigError:
+                raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+            culprits = texts
+        raise ConfigError(f"{' '.join(f'--set {t}' for t in culprits)}: {e}") from None
 
 
 def save_config(cfg: KavaConfig, path: str | Path) -> None:
