@@ -402,3 +402,20 @@ def test_training_answer_pass_scores_what_generation_generates(make_backbone, ar
     best = scored.log_softmax(-1).max(-1).values.reshape(g.shape).sum(-1)
     torch.testing.assert_close(out.nll_sum, -best)
     assert out.count.tolist() == [n] * len(enc)
+
+
+def test_probing_latents_ignores_dropout_and_keeps_the_mode(make_backbone):
+    """``kava inspect`` reads a checkpoint that loads in train mode: the probe computes in
+    eval mode (as evaluation decodes), so two calls agree, and the mode is given back."""
+    from kava.inspect_latents import probe_latents
+
+    bb = make_backbone(dropout=0.5, init_range=0.3).train()
+    with torch.no_grad():  # adapters large enough that a dropout mask moves the top tokens
+        for name, p in bb.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.5)
+    cfg = config(m=3, t=2)
+    question = EXAMPLES[0][0]
+    first, second = (probe_latents(bb, cfg, question, top_k=3) for _ in range(2))
+    assert bb.training and first == second
+    assert first == probe_latents(bb.eval(), cfg, question, top_k=3)

@@ -67,3 +67,26 @@ def test_mutable_keys():
     a, b = KavaConfig(), KavaConfig()
     b.train.epochs = 3.0
     assert config_changes(a, b) == {"train.epochs": (10.0, 3.0)}
+
+
+def test_validation_decoding_budget_is_fixed_on_resume(tmp_path, tiny_model_dir, capsys):
+    """A run that chooses best/ on validation keeps the decoding budget its earlier
+    validations used: changing it would make best/ compare unlike accuracies. Without
+    validation, the budget is free (as every other eval.* key)."""
+    assert mutable("eval.max_new_tokens") and not mutable("eval.max_new_tokens", True)
+    assert not mutable("eval.cot_max_new_tokens", True) and mutable("eval.batch_size", True)
+    cfg = write_config(
+        tmp_path,
+        tiny_model_dir,
+        train={"max_steps": 2, "save_every": 1, "eval_every": 1, "eval_limit": 2},
+    )
+    over = ["--set", "train.eval_dataset=synthetic"]
+    assert main(["train", str(cfg), "--no-progress", *over]) == 0
+    run = tmp_path / "run"
+    before = snapshot(run)
+    budget = ["--set", "eval.max_new_tokens=7", "--set", "eval.batch_size=1"]
+    assert main(["train", str(cfg), "--no-progress", "--resume", *over, *budget]) == 2
+    err = capsys.readouterr().err
+    assert "eval.max_new_tokens: 4 -> 7" in err and "while train.eval_every" in err
+    assert "eval.batch_size" not in err.split("(only these")[0]
+    assert snapshot(run) == before

@@ -347,6 +347,17 @@ class Backbone(nn.Module):
         out = self.lm_head(hidden)[..., : self.vocab_size].float()
         return out.masked_fill(self.never_predicted, float("-inf"))
 
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """Eval mode inside (no LoRA or attention dropout), the previous mode restored after:
+        what evaluation, validation and the inspection tools compute in."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

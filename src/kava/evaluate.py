@@ -224,25 +224,19 @@ def predict(
         else contextlib.nullcontext()
     )
     local: list[tuple[int, Prediction]] = []  # (input index, prediction) of this process
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with (
-            torch.no_grad(),
-            autocast,
-            tqdm(total=sum(map(len, batches)), desc=name, unit="q", disable=not progress) as bar,
-        ):
-            for idx in batches:
-                gen = generate(
-                    generator, cfg, [prompts.rows[i] for i in idx], prompts.answer_prompt
-                )
-                for j, i in enumerate(idx):
-                    text = gen.texts[j]
-                    parsed = parse_prediction(text, cfg.method_spec.writes_cot, cfg.answer_prompt)
-                    local.append((i, Prediction(text, parsed, gen.passes[j], len(gen.tokens[j]))))
-                bar.update(len(idx))
-    finally:
-        backbone.train(was_training)
+    with (
+        backbone.eval_mode(),
+        torch.no_grad(),
+        autocast,
+        tqdm(total=sum(map(len, batches)), desc=name, unit="q", disable=not progress) as bar,
+    ):
+        for idx in batches:
+            gen = generate(generator, cfg, [prompts.rows[i] for i in idx], prompts.answer_prompt)
+            for j, i in enumerate(idx):
+                text = gen.texts[j]
+                parsed = parse_prediction(text, cfg.method_spec.writes_cot, cfg.answer_prompt)
+                local.append((i, Prediction(text, parsed, gen.passes[j], len(gen.tokens[j]))))
+            bar.update(len(idx))
     return gather_in_order(local, n, where)
 
 

@@ -61,24 +61,26 @@ def last_latent_pass(
     row = question_prompts(backbone, cfg, [Example(question, (), "0")]).rows[0]
     ids = torch.tensor([row], device=device)
     mask = torch.ones_like(ids, dtype=torch.bool)
-    state = latent_passes(backbone, ids, mask, m, t)
     s_q = ids.shape[1]
-    if t > 0:
-        x = state.inputs[-1]
-        out = backbone(
-            x,
-            state.key_mask,
-            positions_from_mask(state.key_mask, m),
-            cache=KVCache.growing(state.question_kv),
-        )
-        h = out.last_hidden_state
-    else:  # pause tokens: the last pass is pass 0 on the placeholder embeddings
-        ids0 = torch.cat([ids, ids.new_full((1, m), backbone.ids.latent)], dim=1)
-        x = backbone.embed(ids0)[:, s_q:]
-        out = backbone(
-            backbone.embed(ids0), state.key_mask, positions_from_mask(state.key_mask, s_q + m)
-        )
-        h = out.last_hidden_state[:, s_q:]
+    # as evaluation decodes: no dropout (a checkpoint loads in train mode)
+    with backbone.eval_mode():
+        state = latent_passes(backbone, ids, mask, m, t)
+        if t > 0:
+            x = state.inputs[-1]
+            out = backbone(
+                x,
+                state.key_mask,
+                positions_from_mask(state.key_mask, m),
+                cache=KVCache.growing(state.question_kv),
+            )
+            h = out.last_hidden_state
+        else:  # pause tokens: the last pass is pass 0 on the placeholder embeddings
+            ids0 = torch.cat([ids, ids.new_full((1, m), backbone.ids.latent)], dim=1)
+            x = backbone.embed(ids0)[:, s_q:]
+            out = backbone(
+                backbone.embed(ids0), state.key_mask, positions_from_mask(state.key_mask, s_q + m)
+            )
+            h = out.last_hidden_state[:, s_q:]
     return x[0], h[0], state
 
 
@@ -157,12 +159,8 @@ def eviction_choice(
     device = backbone.new_token_embeddings.device
     tb = collate_teacher([enc], ids)
     tb = type(tb)(**{k: v.to(device) for k, v in vars(tb).items()})
-    was_training = backbone.training
-    backbone.eval()
-    try:
+    with backbone.eval_mode():
         out = teacher_forward(backbone, tb, capture_kv=True, hidden=False)
-    finally:
-        backbone.train(was_training)
     q = out.capture.stacked("queries")[:, 0]  # [L, H_q, N_a, d]
     k = out.capture.stacked("keys")[:, 0]  # [L, H_kv, N_c, d]
     n_layers = k.shape[0]

@@ -6,7 +6,8 @@
   naming each differing key (old -> new), unless every difference is in
   ``RESUME_MUTABLE``: keys that change neither the optimisation nor the data
   (logging, checkpoint frequency and retention, data-loader workers, the speed options
-  a resumed run on another machine may need, evaluation). Those changes are appended to
+  a resumed run on another machine may need, evaluation — but not the decoding budget
+  that validation chooses ``best/`` with). Those changes are appended to
   ``resume_history.jsonl``; the run's ``config.yaml`` stays the original.
 
 Anything that changes the schedule (``train.max_steps``, ``train.epochs``, the batch
@@ -42,6 +43,10 @@ RESUME_MUTABLE = (
     "train.report_to",  # trackers only observe
     "eval.",
 )
+# Evaluation keys that validation (train.eval_every > 0) decodes with and that change its
+# answers: changed mid-run, best/ would be chosen among accuracies of different decoding
+# budgets. (The others only change speed or rounding, as train.compile does.)
+VALIDATION_DECODING = ("eval.max_new_tokens", "eval.cot_max_new_tokens")
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -73,7 +78,11 @@ def config_changes(old: KavaConfig, new: KavaConfig) -> dict[str, tuple[Any, Any
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def mutable(key: str) -> bool:
+def mutable(key: str, validating: bool = False) -> bool:
+    """Whether ``key`` may change on --resume (``validating``: the run chooses ``best/``
+    on a validation split, whose decoding budget must then stay)."""
+    if validating and key in VALIDATION_DECODING:
+        return False
     return any(key == m or (m.endswith(".") and key.startswith(m)) for m in RESUME_MUTABLE)
 
 
@@ -85,13 +94,20 @@ def check_resume(run_dir: Path, cfg: KavaConfig) -> dict[str, tuple[Any, Any]]:
         raise FileNotFoundError(
             f"--resume: {run_dir} holds no kava run to continue (no config.yaml, no checkpoints)"
         )
-    changes = config_changes(load_config(stored), cfg)
-    refused = {k: v for k, v in changes.items() if not mutable(k)}
+    old_cfg = load_config(stored)
+    changes = config_changes(old_cfg, cfg)
+    validating = old_cfg.train.eval_every > 0
+    refused = {k: v for k, v in changes.items() if not mutable(k, validating)}
     if refused:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        but = (
+            f", except {' and '.join(VALIDATION_DECODING)} while train.eval_every chooses best/"
+            if validating
+            else ""
+        )
         raise ConfigError(
             f"--resume: the config differs from {stored} in keys a resumed run may not "
-            f"change: {listed} (only these may change: {', '.join(RESUME_MUTABLE)}*)"
+            f"change: {listed} (only these may change: {', '.join(RESUME_MUTABLE)}*{but})"
         )
     return changes
 
