@@ -366,7 +366,8 @@ def cmd_demo(args) -> int:
 
     # the configured method (KaVa), then No-CoT fine-tuning on the same examples and steps:
     # what the latents add over answering directly at this budget, and what they cost
-    baseline = [] if cfg.method == "nocot" else [("nocot", out / "nocot")]
+    direct = next(m.name for m in METHODS.values() if m.training_cot == "none" and not m.latent)
+    baseline = [] if cfg.method == direct else [(direct, out / direct)]
     for method, run in [(cfg.method, out), *baseline]:
         run_cfg = load_config(
             config, [*args.overrides, f"method={method}", f"train.output_dir={run}"]

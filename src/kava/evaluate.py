@@ -329,8 +329,8 @@ def load_eval_examples(name: str, cfg: KavaConfig, limit: int | None) -> list[Ex
     from kava.data import load_examples
 
     limit = limit if limit is not None else cfg.eval.limit
-    # held-out synthetic problems: one fixed seed (not the training seed), so every run
-    # of an experiment is evaluated on the same problems
+    # held-out synthetic problems: the test part (kava.data.synthetic_part, never a training
+    # or validation problem) drawn from one fixed seed, the same for every run
     return load_examples(
         name,
         split="test",

@@ -54,7 +54,7 @@ from kava.config import (
     read_config_data,
     resolve_config_path,
 )
-from kava.methods import METHODS
+from kava.methods import CURRICULUM_SECTIONS, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,6 @@ RESERVED = {
 DONE = "DONE.json"
 # Config keys that do not change what a run computes (where it is stored).
 _IGNORED_IN_COMPARISON = ("train.output_dir",)
-# A curriculum's section is read only by the method that has that curriculum: a change
-# to Coconut's stages leaves the other methods' finished runs valid.
-_CURRICULUM_SECTIONS = {"token_removal": "icot", "thought_stages": "coconut"}
 
 
 class SpecError(ConfigError):
@@ -373,8 +370,10 @@ def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         for p in parents:
             node = node.get(p, {})
         node.pop(last, None)
+    # a curriculum's section is read only by the method that has that curriculum: a change
+    # to Coconut's stages leaves the other methods' finished runs valid
     method = METHODS.get(d.get("method"))
-    for curriculum, section in _CURRICULUM_SECTIONS.items():
+    for curriculum, section in CURRICULUM_SECTIONS.items():
         if method is not None and method.curriculum != curriculum:
             d.pop(section, None)
     return d

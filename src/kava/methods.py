@@ -34,6 +34,8 @@ EvalPrompt = Literal["question", "question_prompt", "question_bot"]
 #   token_removal  - CoT tokens removed from the left at a constant rate (iCoT)
 #   thought_stages - stage k replaces the first k CoT steps by k*c thoughts (Coconut)
 Curriculum = Literal["none", "token_removal", "thought_stages"]
+# The config section each curriculum reads (no other method reads it).
+CURRICULUM_SECTIONS: dict[str, str] = {"token_removal": "icot", "thought_stages": "coconut"}
 
 
 @dataclass(frozen=True)

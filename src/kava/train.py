@@ -189,7 +189,7 @@ def load_validation_examples(cfg: KavaConfig) -> list[Example] | None:
         split="validation",
         steps_format=cfg.data.steps_format,
         limit=t.eval_limit,
-        seed=t.seed + 1_000_003,  # for "synthetic": other problems than the training ones
+        seed=t.seed + 1_000_003,  # "synthetic": its validation part (kava.data.synthetic_part)
         synthetic_size=t.eval_limit or 200,
         synthetic_steps=(cfg.data.synthetic_min_steps, cfg.data.synthetic_max_steps),
     )
