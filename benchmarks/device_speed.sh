@@ -3,7 +3,7 @@
 # call (absolute times drift between machines). From the repository root on the device:
 #   git archive d21e6e7 src benchmarks | tar -x -C build/before   # here, before the call
 #   TAG=c5 bash benchmarks/device_speed.sh PART                   # device call, carry build/before
-# PART: headline (before, after and after with --fused-qkv, Llama-1B; SmolLM2 after), llama1b (before/after, Llama-3.2-1B shape), smollm2 (before/after, SmolLM2-135M shape),
+# PART: headline (before, after and after with --fused-qkv, Llama-1B), llama1b (before/after, Llama-3.2-1B shape), smollm2 (before/after, SmolLM2-135M shape),
 # ab (after: default against --fused-qkv, train.fused_qkv, back to back; then grouped attention,
 # train.attention's other value, and --nl), qwen (before/after
 # Qwen2.5-0.5B), more (Qwen2.5-0.5B, Llama-3.2-3B after), gen (inference only, Llama-3.2-1B:
@@ -65,11 +65,10 @@ more)
   bench after-llama-3b . 280 --arch llama-3b --micro-batch 64 --steps 4 --warmup 2 ;;
 headline)
   # the headline pair on a GPU not measured before (H100 since 2026-12-07): before and
-  # after (default, then train.fused_qkv) for Llama-1B, then the SmolLM2 after; ~8.5 min
+  # after (default, then train.fused_qkv) for Llama-1B; ~6.5 min
   bench before-llama1b "$BEFORE" 90 --arch llama-1b --micro-batch 128 --steps 5 --warmup 2
   bench after-llama1b-default . 150 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2
-  bench after-llama1b-fused-qkv . 150 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2 --fused-qkv
-  bench after-smollm2-135m . 110 --arch smollm2-135m --micro-batch 128 --steps 6 --warmup 2 ;;
+  bench after-llama1b-fused-qkv . 150 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2 --fused-qkv ;;
 gen)
   # fused q/k/v in generation (eval.fused_qkv) first, then the default without; 280 s each
   COMMON=("${INFER[@]}")
