@@ -65,8 +65,30 @@ def test_run_folders_hold_manifest_and_card(tiny_run):
     )
 
 
-def test_git_state_outside_a_checkout(tmp_path):
+def test_git_state_outside_a_checkout(tmp_path, monkeypatch):
+    monkeypatch.delenv("KAVA_GIT_COMMIT", raising=False)
     assert git_state(tmp_path) == (None, None)
+
+
+def test_git_state_outside_a_checkout_takes_the_commit_given(tmp_path, monkeypatch):
+    # a copy of the source without .git (the GPU machine): whoever copied it names the commit
+    monkeypatch.setenv("KAVA_GIT_COMMIT", "003f8a4")
+    assert git_state(tmp_path) == ("003f8a4", None)  # dirty stays unknown
+    monkeypatch.setenv("KAVA_GIT_COMMIT", "main")
+    with pytest.raises(ValueError, match=r"\$KAVA_GIT_COMMIT='main'"):
+        git_state(tmp_path)
+
+
+def test_git_state_in_a_checkout_ignores_the_variable(monkeypatch):
+    monkeypatch.setenv("KAVA_GIT_COMMIT", "0000000")
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()
+    assert git_state()[0] == head
 
 
 def test_resumed_manifest_keeps_the_previous_one(tmp_path):

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Runs the SmolLM2 reproduction grid on the lent GPU (one H200), in slices of one device
+# Runs the SmolLM2 reproduction grid on the lent GPU (one H200 or H100), in slices of one device
 # call each (../shared/DEVICE.md). From the repository root on the device machine:
 #   stage1            copy the first half of the staged GGUF and the gguf wheel
 #   start K SECONDS   join the GGUF, launch K workers in the background (setsid), return
+#                     (KAVA_COMMIT=<hash of the commit here>, written as it is in the command:
+#                     the device's copy has no .git of this commit; each run's manifest.json
+#                     records it as git_commit)
 #                     SECONDS after the call began (<= 540: the device cuts a call at 600);
 #                     K may exceed what fits: each worker starts when MEM_GIB are free
 #   wait SECONDS      wait (the workers go on while the machine stays warm), then pack;
@@ -20,6 +23,8 @@ STAGGER=${STAGGER:-60}   # seconds between two workers' starts (their memory gro
 ATTEMPTS=${ATTEMPTS:-3}  # tries per shard and spec (a run that failed resumes)
 REPO=/tmp/repo  # src, configs, specs and data copied here: later calls replace the tree
 export PYTHONPATH=$REPO/src:$SITE KAVA_DATA_DIR=$REPO/data PYTHONUNBUFFERED=1
+# kava.manifest takes the commit from here outside a git checkout (it refuses a non-hash)
+[[ ${KAVA_COMMIT:-} =~ ^[0-9a-f]{7,40}$ ]] && export KAVA_GIT_COMMIT=$KAVA_COMMIT
 # 7 processes share the GPU: segments that grow avoid fragmenting its memory
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 pack() {

@@ -3,7 +3,8 @@
 Written into the run folder when training starts, updated when it ends (``finished_at``),
 and copied into ``final/`` and ``best/``. Schema::
 
-    kava_version, git_commit (null outside a git checkout), git_dirty (null likewise),
+    kava_version, git_commit (outside a git checkout: $KAVA_GIT_COMMIT, else null),
+    git_dirty (null outside a checkout),
     command (sys.argv), config_sha256 (of the resolved config), packages {torch,
     transformers, peft, accelerate, safetensors, huggingface_hub, datasets: version or
     null}, python, platform, device {type, name, count}, parallel {processes, fsdp}
@@ -16,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
+import re
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -67,13 +70,25 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
+GIT_COMMIT_ENV = "KAVA_GIT_COMMIT"
+
+
 def git_state(path: Path | None = None) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the git checkout holding kava's source; (None, None) outside one
-    (e.g. an installed wheel)."""
+    """(commit, dirty) of the git checkout holding kava's source. Outside one (an installed
+    wheel, or a copy of the source on a GPU machine without ``.git``) the commit is
+    ``$KAVA_GIT_COMMIT`` if set (whoever copied the source knows it; dirty is then unknown),
+    else (None, None)."""
     path = path or Path(__file__).resolve().parent
     commit = _git(["rev-parse", "HEAD"], path)
     if commit is None:
-        return None, None
+        given = os.environ.get(GIT_COMMIT_ENV, "").strip()
+        if not given:
+            return None, None
+        if not re.fullmatch(r"[0-9a-f]{7,40}", given):
+            raise ValueError(
+                f"${GIT_COMMIT_ENV}={given!r}: expected a git commit hash (7-40 hex digits)"
+            )
+        return given, None
     status = _git(["status", "--porcelain", "--untracked-files=no"], path)
     return commit.strip(), (bool(status.strip()) if status is not None else None)
 
