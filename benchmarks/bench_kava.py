@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import platform
@@ -285,6 +286,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def stall_counters(device: torch.device) -> dict[str, int]:
+    """Counters that explain a slow step: allocator retries (a cudaMalloc failed, the cache
+    was freed and the allocation retried), cudaMalloc/cudaFree calls, Python GC passes."""
+    out = {f"gc_gen{g}": st["collections"] for g, st in enumerate(gc.get_stats())}
+    if device.type == "cuda":
+        ms = torch.cuda.memory_stats(device)
+        out |= {
+            "alloc_retries": ms.get("num_alloc_retries", 0),
+            "cuda_mallocs": ms.get("num_device_alloc", 0),
+            "cuda_frees": ms.get("num_device_free", 0),
+        }
+    return out
+
+
 class PhaseTimer:
     """Accumulates wall time between ``tick`` calls, synchronising the device each time."""
 
@@ -464,22 +479,30 @@ def bench_train(model: KavaModel, synth: Synth, args, device, counts: dict) -> d
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times, losses_seen, graphs_per_step = [], [], []
+    times, losses_seen, graphs_per_step, stalls_per_step = [], [], [], []
     stats = torch._dynamo.utils.counters["stats"]  # a step that compiles adds graphs
     for i, micro in enumerate(batches[:n_steps]):
         graphs = stats["unique_graphs"]
         sync(device)
+        before = stall_counters(device)
         t0 = time.perf_counter()
         terms = step(micro)
         sync(device)
         dt = time.perf_counter() - t0
+        after = stall_counters(device)
         losses_seen.append(terms["loss"])
         graphs_per_step.append(stats["unique_graphs"] - graphs)
+        stalls_per_step.append({k: after[k] - before[k] for k in after})
         if i >= args.warmup:
             times.append(dt)
         log(
             f"  step {i:>2} {'(warm-up)' if i < args.warmup else '':<9} {dt:8.3f} s  loss {terms['loss']:.4f}"
             + (f"  ({graphs_per_step[-1]} new compiled graphs)" if graphs_per_step[-1] else "")
+            + "".join(
+                f"  {k} {v}"
+                for k, v in stalls_per_step[-1].items()
+                if v and k in ("alloc_retries", "gc_gen2")
+            )
         )
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -517,6 +540,7 @@ def bench_train(model: KavaModel, synth: Synth, args, device, counts: dict) -> d
         step_time_s=med,
         step_times_s=times,
         new_compiled_graphs_per_step=graphs_per_step,  # warm-up steps included
+        stall_counters_per_step=stalls_per_step,  # likewise: see stall_counters
         tokens_per_step=per_step["real"],
         padded_tokens_per_step=per_step["padded"],
         tokens_per_step_by_pass={k: v for k, v in per_step.items() if k not in ("real", "padded")},

@@ -67,8 +67,9 @@ headline)
   # the issue's headline pair on a GPU not measured before (H100 since 2026-12-07): before and
   # after (default, then train.fused_qkv) for Llama-1B; ~6.5 min
   bench before-llama1b "$BEFORE" 90 --arch llama-1b --micro-batch 128 --steps 5 --warmup 2
-  bench after-llama1b-default . 150 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2
-  bench after-llama1b-fused-qkv . 150 --arch llama-1b --micro-batch 128 --steps 6 --warmup 2 --fused-qkv ;;
+  # 20 timed steps each (~9 s more than 6): h1's 6 could not separate fused from default
+  bench after-llama1b-default . 170 --arch llama-1b --micro-batch 128 --steps 20 --warmup 2
+  bench after-llama1b-fused-qkv . 170 --arch llama-1b --micro-batch 128 --steps 20 --warmup 2 --fused-qkv ;;
 gen)
   # fused q/k/v in generation (eval.fused_qkv) first, then the default without; 280 s each
   COMMON=("${INFER[@]}")

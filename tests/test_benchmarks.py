@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import math
@@ -64,6 +65,11 @@ def test_quick_cpu_run_writes_complete_json(bench, tmp_path, capsys):
     ):
         assert positive(tr[key]), key
     assert len(tr["step_times_s"]) == 2 and tr["losses_finite"]
+    # per step, warm-up included (1 + 2): what compiled, and what may have stalled it
+    assert len(tr["new_compiled_graphs_per_step"]) == 3
+    stalls = tr["stall_counters_per_step"]
+    assert len(stalls) == 3 and all(set(st) == {"gc_gen0", "gc_gen1", "gc_gen2"} for st in stalls)
+    assert all(v >= 0 for st in stalls for v in st.values())
     assert "MFU = 4 * (N_nonemb + N_lm_head)" in tr["mfu_formula"]
     assert set(tr["phases_ms"]) == {
         "teacher_forward",
@@ -100,6 +106,14 @@ def test_quick_cpu_run_writes_complete_json(bench, tmp_path, capsys):
             assert ratio == pytest.approx(lat["questions_per_s"] / r["questions_per_s"])
     assert res["train"]["step_time_s"] == tr["step_time_s"]
     assert "kava benchmark: tiny" in capsys.readouterr().out  # the table is printed
+
+
+def test_stall_counters_count_a_full_gc(bench):
+    cpu = bench.torch.device("cpu")
+    before = bench.stall_counters(cpu)
+    gc.collect()
+    after = bench.stall_counters(cpu)
+    assert after["gc_gen2"] - before["gc_gen2"] == 1
 
 
 def test_bad_batch_split_is_rejected(bench):
