@@ -3,11 +3,11 @@
 # call each (../shared/DEVICE.md). From the repository root on the device machine:
 #   stage1            copy the first half of the staged GGUF and the gguf wheel
 #   start K SECONDS   join the GGUF, launch K workers in the background (setsid), return
-#                     (KAVA_COMMIT=<hash of the commit here>, written as it is in the command:
-#                     the device's copy has no .git of this commit; each run's manifest.json
-#                     records it as git_commit)
 #                     SECONDS after the call began (<= 540: the device cuts a call at 600);
-#                     K may exceed what fits: each worker starts when MEM_GIB are free
+#                     K may exceed what fits: each worker starts when MEM_GIB are free.
+#                     Pass KAVA_COMMIT=<hash of the commit here>, written out in the command:
+#                     the device's copy has no .git of this commit; each run's manifest.json
+#                     records it as git_commit
 #   wait SECONDS      wait (the workers go on while the machine stays warm), then pack;
 #                     make each call at once after the last: an idle machine goes in ~30 s
 # Runs finished in earlier sessions (results/smollm2-gsm8k/<spec>/runs) are copied in first
