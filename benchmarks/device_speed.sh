@@ -6,7 +6,8 @@
 # PART: headline (before, after and after with --fused-qkv, Llama-1B), llama1b (before/after, Llama-3.2-1B shape), smollm2 (before/after, SmolLM2-135M shape),
 # ab (after: default against --fused-qkv, train.fused_qkv, back to back; then grouped attention,
 # train.attention's other value, and --nl), qwen (before/after
-# Qwen2.5-0.5B), more (Qwen2.5-0.5B, Llama-3.2-3B after), gen (inference only, Llama-3.2-1B:
+# Qwen2.5-0.5B), more (Qwen2.5-0.5B, Llama-3.2-3B after), share (SmolLM2 as the reproduction
+# trains it: micro-batch 32, K=4 processes on one GPU, eager then compiled), gen (inference only, Llama-3.2-1B:
 # generation with fused q/k/v, eval.fused_qkv, (--fused-generation) against the default back to back;
 # RESULTS.md's inference command, ~2-3 min each with the compile; no "before" tree needed).
 # Every run writes $OUT/$TAG-<name>.json as it goes (a cut run still returns what it measured)
@@ -70,11 +71,22 @@ headline)
   # 20 timed steps each (~9 s more than 6): h1's 6 could not separate fused from default
   bench after-llama1b-default . 170 --arch llama-1b --micro-batch 128 --steps 20 --warmup 2
   bench after-llama1b-fused-qkv . 170 --arch llama-1b --micro-batch 128 --steps 20 --warmup 2 --fused-qkv ;;
+share)
+  # the reproduction's own shape (results/smollm2-gsm8k): SmolLM2-135M, micro-batch 32 x 4
+  # per step of 128, K processes sharing the GPU as device.sh runs them; eager (the grid's
+  # train.compile: none) then compiled layers, all K started together; ~4 min at K=4
+  for c in none layers; do
+    for ((i = 0; i < ${K:-4}; i++)); do
+      bench "share-smollm2-$c-$i" . 200 --arch smollm2-135m --micro-batch 32 --global-batch 128 \
+        --steps 8 --warmup 2 --compile "$c" &
+    done
+    wait
+  done ;;
 gen)
   # fused q/k/v in generation (eval.fused_qkv) first, then the default without; 280 s each
   COMMON=("${INFER[@]}")
   bench gen-llama1b-fused . 280 --arch llama-1b --fused-generation
   bench gen-llama1b-unfused . 280 --arch llama-1b ;;
-*) echo "usage: TAG=c5 bash benchmarks/device_speed.sh headline|llama1b|smollm2|ab|qwen|more|gen" >&2; exit 2 ;;
+*) echo "usage: TAG=c5 bash benchmarks/device_speed.sh headline|llama1b|smollm2|ab|qwen|more|share|gen" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

@@ -171,6 +171,21 @@ def test_changed_config_of_a_done_run_is_an_error(grid, tiny_model_dir, capsys):
     assert "different config" in err and "train.lr" in err and "cot__seed0" in err
 
 
+def test_speed_options_do_not_make_a_done_run_another_run(grid, tiny_model_dir, capsys):
+    """A run finished eager is the run a spec with train.compile / train.attention asks for:
+    the speed options only round differently (the keys --resume may change)."""
+    speed = ["--set", "train.compile=layers", "--set", "train.attention=grouped"]
+    capsys.readouterr()
+    assert experiment(grid["dir"], tiny_model_dir, "--dry-run", *speed) == 0
+    out = capsys.readouterr().out
+    assert "14 runs" in out and "0 to do" in out, out
+    # the same flags next to one that changes the optimisation are still refused
+    assert (
+        experiment(grid["dir"], tiny_model_dir, "--dry-run", *speed, "--set", "train.lr=0.5") == 2
+    )
+    assert "train.lr" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- report
 
 

