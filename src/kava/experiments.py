@@ -26,7 +26,9 @@ names the spec file and the spec key at fault. Run ``i`` of the deterministic or
 metrics.json`` and, written last, ``DONE.json``. A run with ``DONE.json`` is skipped, so
 an interrupted grid re-run finishes only what is missing: a run with a ``final/``
 checkpoint is only evaluated, one with a ``checkpoints/step-N`` resumes training there,
-anything else starts again from scratch. ``shard=(i, n)`` takes the runs whose index is
+anything else starts again from scratch. A run folder made with a config that differs
+from the spec's in more than the speed and bookkeeping keys (``kava.rundir.RESUME_MUTABLE``:
+``train.compile``, ``train.attention``, ...) is an error naming the keys. ``shard=(i, n)`` takes the runs whose index is
 ``i`` modulo ``n`` (one process per GPU).
 """
 
