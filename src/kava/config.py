@@ -194,8 +194,8 @@ class TrainConfig:
     # Fuse the q/k/v projections of each layer pass (kava.qkv): one GEMM against the
     # frozen weights stacked (views of one buffer, no copy) and one for the three LoRA A
     # (a batched matmul with an independent dropout mask each), instead of three each.
-    # The same function; layers that are not plain LoRA on q/k/v run unfused. Off until a
-    # GPU A/B measures it (benchmarks/device_speed.sh ab).
+    # The same function; layers that are not plain LoRA on q/k/v run unfused. Off: no
+    # gain on an H100 over 20 steps (0.436 s either way, benchmarks/RESULTS.md, h2).
     fused_qkv: bool = False
     # A checkpoint folder (e.g. a CoT run's final/) whose trainable tensors initialise
     # this run (Coconut's recipe starts from CoT fine-tuning); same model and LoRA shape.
@@ -228,9 +228,9 @@ class EvalConfig:
     # q/k/v of each generation layer pass as one GEMM (kava.qkv.project_plain) against the
     # merged copy's three weights laid out as rows of one buffer (no copy), instead of three
     # (CUDA only; on CPU generation stays as it was). Layers that are not plain nn.Linear
-    # q/k/v (eval.merge_lora: false keeps LoRA) run unfused. The same function. Off until
-    # a GPU measures it (benchmarks/device_speed.sh gen): not yet run under inductor and
-    # CUDA graphs.
+    # q/k/v (eval.merge_lora: false keeps LoRA) run unfused. The same function. Off by
+    # default: on an H100 it shortens a graphed decoding step by 6.5% and a latent GSM8k
+    # evaluation by 1% (benchmarks/RESULTS.md, g2); worth it for CoT-heavy evaluation.
     fused_qkv: bool = False
     # Evaluate a copy of the model with LoRA merged into the frozen weights (one matmul per
     # projection instead of three); the trained weights are left untouched.
