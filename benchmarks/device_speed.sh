@@ -7,7 +7,8 @@
 # ab (after: default against --fused-qkv, train.fused_qkv, back to back; then grouped attention,
 # train.attention's other value, and --nl), qwen (before/after
 # Qwen2.5-0.5B), more (Qwen2.5-0.5B, Llama-3.2-3B after), share (SmolLM2 as the reproduction
-# trains it: micro-batch 32, K=4 processes on one GPU, eager then compiled), gen (inference only, Llama-3.2-1B:
+# trains it: micro-batch 32, K=4 processes on one GPU, eager then compiled), profile
+# (torch.profiler of the Llama-1B after step, then the Llama-3.2-3B after row), gen (inference only, Llama-3.2-1B:
 # generation with fused q/k/v, eval.fused_qkv, (--fused-generation) against the default back to back;
 # RESULTS.md's inference command, ~2-3 min each with the compile; no "before" tree needed).
 # Every run writes $OUT/$TAG-<name>.json as it goes (a cut run still returns what it measured)
@@ -71,6 +72,14 @@ headline)
   # 20 timed steps each (~9 s more than 6): h1's 6 could not separate fused from default
   bench after-llama1b-default . 170 --arch llama-1b --micro-batch 128 --steps 20 --warmup 2
   bench after-llama1b-fused-qkv . 170 --arch llama-1b --micro-batch 128 --steps 20 --warmup 2 --fused-qkv ;;
+profile)
+  # the issue asks for a profile of every row whose target is not met: Llama-1B after
+  # (compiled, micro-batch 128) under torch.profiler, then the Llama-3.2-3B after row; ~5 min
+  echo "== $TAG-profile-llama1b"
+  PYTHONPATH=src timeout 200 python3 benchmarks/profile_kava.py --arch llama-1b --micro-batch 128 \
+    --compile layers --rows 30 >"$OUT/$TAG-profile-llama1b.txt" 2>&1
+  echo "rc $? after $SECONDS s"; grep "^===" "$OUT/$TAG-profile-llama1b.txt"
+  bench after-llama-3b . 280 --arch llama-3b --micro-batch 64 --steps 4 --warmup 2 ;;
 share)
   # the reproduction's own shape (results/smollm2-gsm8k): SmolLM2-135M, micro-batch 32 x 4
   # per step of 128, K processes sharing the GPU as device.sh runs them; eager (the grid's
@@ -87,6 +96,6 @@ gen)
   COMMON=("${INFER[@]}")
   bench gen-llama1b-fused . 280 --arch llama-1b --fused-generation
   bench gen-llama1b-unfused . 280 --arch llama-1b ;;
-*) echo "usage: TAG=c5 bash benchmarks/device_speed.sh headline|llama1b|smollm2|ab|qwen|more|share|gen" >&2; exit 2 ;;
+*) echo "usage: TAG=c5 bash benchmarks/device_speed.sh headline|llama1b|smollm2|ab|qwen|more|profile|share|gen" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

@@ -143,3 +143,28 @@ def test_fused_generation_flag(bench, monkeypatch):
     assert bench.parse_args([*cuda, "--fused-generation"]).fused_generation is True
     cpu = ["--arch", "tiny", "--device", "cpu", "--fused-generation"]
     assert bench.parse_args(cpu).fused_generation is False
+
+
+def test_profile_script_profiles_the_train_step_and_both_generations():
+    """benchmarks/profile_kava.py (device_speed.sh profile) on the tiny model, CPU: one
+    section per profiled function, with a wall time, a busy time and an operator table."""
+    import re
+    import subprocess
+
+    script = SCRIPT.parent / "profile_kava.py"
+    argv = ["--arch", "tiny", "--device", "cpu", "--micro-batch", "2", "--infer-batch", "2"]
+    out = subprocess.run(
+        [sys.executable, str(script), *argv, "--compile", "none", "--rows", "3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    heads = re.findall(r"^=== (.+?): wall ([\d.]+) ms, device busy ([\d.]+) ms", out, re.M)
+    assert [h[0] for h in heads] == [
+        "train micro-step",
+        "latent generation (7 passes)",
+        "cot generation (7 passes)",
+    ], out
+    assert all(float(wall) > 0 and float(busy) > 0 for _, wall, busy in heads)
+    assert out.count("Self CPU") >= 3  # the profiler's operator tables
