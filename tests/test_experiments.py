@@ -301,6 +301,19 @@ def test_report_statistics_on_varied_metrics(grid, tmp_path):
     assert not (out / "report" / "eviction.png").exists()
 
 
+def write_done_runs(out: Path, runs: list[tuple]) -> None:
+    """Complete run folders (DONE.json, one synthetic metrics.json) of
+    ``(name, method, variant, seed, index, accuracy)``."""
+    for name, method, variant, seed, index, acc in runs:
+        d = out / "runs" / name
+        (d / "eval" / "synthetic").mkdir(parents=True)
+        done = {"run": name, "index": index, "method": method, "seed": seed}
+        done.update(variant=variant, datasets=["synthetic"])
+        (d / "DONE.json").write_text(json.dumps(done))
+        metrics = {"n": 10, "accuracy": acc, "mean_forward_passes": 5.0 + index}
+        (d / "eval" / "synthetic" / "metrics.json").write_text(json.dumps(metrics))
+
+
 def test_report_groups_grid_variants_after_the_methods(tmp_path):
     """Variant rows: method order first, then the grid's order; labels name the values."""
     out = tmp_path / "exp"
@@ -310,14 +323,7 @@ def test_report_groups_grid_variants_after_the_methods(tmp_path):
         ("kava__rkv.method=rkv__seed1", "kava", [["rkv.method", "rkv"]], 1, 2, 0.8),
         ("cot__rkv.method=rkv__seed0", "cot", [["rkv.method", "rkv"]], 0, 0, 0.7),
     ]
-    for name, method, variant, seed, index, acc in runs:
-        d = out / "runs" / name
-        (d / "eval" / "synthetic").mkdir(parents=True)
-        done = {"run": name, "index": index, "method": method, "seed": seed}
-        done.update(variant=variant, datasets=["synthetic"])
-        (d / "DONE.json").write_text(json.dumps(done))
-        metrics = {"n": 10, "accuracy": acc, "mean_forward_passes": 5.0 + index}
-        (d / "eval" / "synthetic" / "metrics.json").write_text(json.dumps(metrics))
+    write_done_runs(out, runs)
     assert main(["report", str(out), "--no-eviction-plot"]) == 0
     table = read_markdown_table(out / "report" / "results.md")
     assert list(table) == [
@@ -327,6 +333,53 @@ def test_report_groups_grid_variants_after_the_methods(tmp_path):
     ]
     assert table["KaVa (rkv.method=rkv)"]["synthetic acc (%)"] == expected_cell([0.6, 0.8], 100)
     assert table["KaVa (rkv.method=crop)"]["synthetic acc (%)"] == "50.0"
+
+
+def test_report_also_adds_rows_of_another_experiment(tmp_path, capsys):
+    """--also DIR:METHODS: the eviction controls next to the main table's KaVa (R-KV) and
+    PCCoT rows; a method's default row before its variants; the other folder's runs named
+    by folder; a header that counts this experiment's runs only."""
+    controls, eq = tmp_path / "controls", tmp_path / "eq"
+    random_ = [["rkv.method", "random"]]
+    write_done_runs(
+        controls,
+        [
+            ("kava__rkv.method=random__seed0", "kava", random_, 0, 0, 0.3),
+            ("kava__rkv.method=random__seed1", "kava", random_, 1, 1, 0.5),
+            ("kava__rkv.method=crop__seed0", "kava", [["rkv.method", "crop"]], 0, 2, 0.2),
+        ],
+    )
+    write_done_runs(
+        eq,
+        [
+            ("cot__seed0", "cot", [], 0, 0, 0.9),  # not asked for
+            ("pccot__seed0", "pccot", [], 0, 5, 0.4),
+            ("pccot__seed1", "pccot", [], 1, 6, 0.6),
+            ("kava__seed0", "kava", [], 0, 7, 0.7),
+            ("kava__seed1", "kava", [], 1, 8, 0.1),
+        ],
+    )
+    argv = ["report", str(controls), "--no-eviction-plot", "--also", f"{eq}:kava,pccot"]
+    assert main(argv) == 0
+    md = (controls / "report" / "results.md").read_text()
+    table = read_markdown_table(controls / "report" / "results.md")
+    assert list(table) == ["PCCoT", "KaVa", "KaVa (rkv.method=random)", "KaVa (rkv.method=crop)"]
+    assert table["KaVa"]["synthetic acc (%)"] == expected_cell([0.7, 0.1], 100)
+    assert table["PCCoT"]["synthetic acc (%)"] == expected_cell([0.4, 0.6], 100)
+    assert table["KaVa (rkv.method=random)"]["synthetic acc (%)"] == expected_cell([0.3, 0.5], 100)
+    assert "3 of 3 runs complete" in md and f"`{eq}:kava,pccot`" in md
+    assert "| eq/kava__seed1 |" in md and "| eq/cot__seed0 |" not in md
+
+    capsys.readouterr()
+    for also, says in [
+        (f"{eq}:icot", "has no complete run of method icot"),
+        (f"{eq}:kava,bogus", "unknown method bogus"),
+        (str(eq), "expected DIR:METHOD"),
+        (f"{controls}:kava", "already has (KaVa (rkv.method=crop), KaVa (rkv.method=random))"),
+        (f"{tmp_path / 'nowhere'}:kava", "not an experiment folder"),
+    ]:
+        assert main(["report", str(controls), "--no-eviction-plot", "--also", also]) == 2, also
+        assert says in capsys.readouterr().err, also
 
 
 def test_report_states_the_validation_scores_the_checkpoints_were_chosen_on(tmp_path):

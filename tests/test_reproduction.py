@@ -61,3 +61,46 @@ def test_committed_runs_match_the_spec(name):
             )
         assert done["selection"]["dataset"] == "gsm8k-aug-valid"
         assert not list(run.dir.rglob("*.safetensors"))  # no weights in the repo
+
+
+# Committed reports and the other experiments' rows each was written with (kava report
+# --also); the README's tables are copied from these.
+REPORTS = {"eq": {}, "controls": {"eq": ["kava", "pccot"]}}
+
+
+def _runs_of(folder: Path) -> dict[tuple[str, str], list[Path]]:
+    """(method, "key=value, ...") -> complete run folders, read from DONE.json."""
+    out: dict[tuple[str, str], list[Path]] = {}
+    for done in sorted(folder.glob("runs/*/DONE.json")):
+        rec = json.loads(done.read_text())
+        variant = ", ".join(f"{k}={v}" for k, v in rec["variant"])
+        out.setdefault((rec["method"], variant), []).append(done.parent)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(REPORTS))
+def test_committed_report_is_the_committed_runs(name):
+    """Every row of report/results.csv is the mean and sample std of its runs' metrics.json
+    (recomputed here), and every complete run of the experiment is in a row."""
+    import csv
+    import statistics
+
+    own = _runs_of(RESULTS / name)
+    others = [_runs_of(RESULTS / o) for o in REPORTS[name]]
+    also = {(m, "") for methods in REPORTS[name].values() for m in methods}
+    with (RESULTS / name / "report" / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows
+    seen = set()
+    for row in rows:
+        key = (row["method"], row["variant"])
+        dirs = own.get(key) or next(o[key] for o in others if key in o)
+        seen.add(key)
+        ms = [json.loads((d / "eval" / row["dataset"] / "metrics.json").read_text()) for d in dirs]
+        acc = [m["accuracy"] for m in ms]
+        assert int(row["n"]) == len(dirs) == 3, key
+        assert float(row["accuracy_mean"]) == pytest.approx(statistics.mean(acc), abs=1e-12)
+        assert float(row["accuracy_std"]) == pytest.approx(statistics.stdev(acc), abs=1e-12)
+        passes = statistics.mean(m["mean_forward_passes"] for m in ms)
+        assert float(row["passes_mean"]) == pytest.approx(passes, abs=1e-12)
+    assert set(own) | also <= seen  # no complete run left out, the --also rows in

@@ -195,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sample", type=int, default=0, help="which multi-step question to draw (default 0)"
     )
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="DIR:METHODS",
+        help="add the complete runs of these methods (comma-separated) from another "
+        "experiment folder as rows, e.g. the main table's R-KV and PCCoT rows next to "
+        "eviction controls: --also results/smollm2-gsm8k/eq:kava,pccot (repeatable)",
+    )
 
     p = sub.add_parser(
         "inspect",
@@ -437,7 +446,11 @@ def cmd_report(args) -> int:
     from kava.report import make_report
 
     res = make_report(
-        args.experiment_dir, args.out, eviction=not args.no_eviction_plot, sample=args.sample
+        args.experiment_dir,
+        args.out,
+        eviction=not args.no_eviction_plot,
+        sample=args.sample,
+        also=args.also,
     )
     print(res["files"]["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in res["files"].values()))

@@ -137,15 +137,42 @@ def load_results(exp_dir: str | Path) -> tuple[list[RunResult], list[str]]:
     return done, incomplete
 
 
+def load_also(spec: str) -> list[RunResult]:
+    """``DIR:METHOD[,METHOD...]``: the complete runs of those methods in another experiment
+    folder, as rows next to this one's (e.g. R-KV and PCCoT of the main table beside the
+    eviction controls). Their names get the folder's name as a prefix."""
+    folder, sep, names = spec.rpartition(":")
+    methods = [m.strip() for m in names.split(",") if m.strip()]
+    if not sep or not folder or not methods:
+        raise ReportError(f"--also {spec!r}: expected DIR:METHOD[,METHOD...], e.g. eq:kava,pccot")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ReportError(
+            f"--also {spec!r}: unknown method {', '.join(unknown)} (known: {', '.join(METHODS)})"
+        )
+    runs, _ = load_results(folder)
+    prefix = Path(folder).resolve().name
+    picked = []
+    for m in methods:
+        found = [r for r in runs if r.method == m]
+        if not found:
+            raise ReportError(f"--also {spec!r}: {folder} has no complete run of method {m}")
+        picked += found
+    for r in picked:
+        r.name = f"{prefix}/{r.name}"
+    return picked
+
+
 def group_runs(runs: list[RunResult]) -> list[Group]:
-    """Groups of seeds of one method and variant, in paper order then grid order."""
+    """Groups of seeds of one method and variant, in paper order, a method's default
+    (no variant) before its grid variants, then grid order."""
     groups: dict[Any, Group] = {}
     for r in runs:
         groups.setdefault(r.group, Group(r.method, r.variant)).runs.append(r)
 
     def key(g: Group):
         rank = PAPER_ORDER.index(g.method) if g.method in PAPER_ORDER else len(PAPER_ORDER)
-        return rank, min(r.index for r in g.runs)
+        return rank, bool(g.variant), min(r.index for r in g.runs)
 
     out = sorted(groups.values(), key=key)
     for g in out:
@@ -701,13 +728,28 @@ def eviction_figure(runs: list[RunResult], path: Path, sample: int = 0) -> str |
 
 
 def make_report(
-    exp_dir: str | Path, out_dir: str | Path | None = None, eviction: bool = True, sample: int = 0
+    exp_dir: str | Path,
+    out_dir: str | Path | None = None,
+    eviction: bool = True,
+    sample: int = 0,
+    also: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Write the tables and plots; returns the paths and the aggregated rows."""
+    """Write the tables and plots; returns the paths and the aggregated rows. ``also``:
+    ``DIR:METHOD[,...]`` rows from other experiment folders (``load_also``)."""
     exp_dir = Path(exp_dir)
     out = Path(out_dir) if out_dir is not None else exp_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
     runs, incomplete = load_results(exp_dir)
+    extra = [r for spec in also for r in load_also(spec)]
+    clash = {r.group for r in extra} & {r.group for r in runs}
+    if clash:
+        rows = ", ".join(Group(m, v).label for m, v in sorted(clash))
+        raise ReportError(
+            f"--also adds runs to a row this experiment already has ({rows}): a row's seeds "
+            "come from one experiment"
+        )
+    own = len(runs)  # this experiment's complete runs (the count the header gives)
+    runs += extra
+    out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     check_same_configs(groups)
     datasets = datasets_of(runs)
@@ -743,9 +785,10 @@ def make_report(
             incomplete.append(n)
     shown = ", ".join(incomplete[:12]) + (", ..." if len(incomplete) > 12 else "")
     md.append(
-        f"{len(runs)} of {len(runs) + len(incomplete)} runs complete"
+        f"{own} of {own + len(incomplete)} runs complete"
         + (f" (not complete: {shown})" if incomplete else "")
         + (f"; base config `{info['base']}`" if info.get("base") else "")
+        + ("; rows from other experiments: " + ", ".join(f"`{a}`" for a in also) if also else "")
         + ". Accuracy in %, passes = forward passes per question (mean over questions); "
         "each cell is the mean ± sample std (ddof=1) over seeds, without ± when a row has one "
         "seed; `seeds` = number of seeds."
