@@ -376,9 +376,12 @@ def test_report_also_adds_rows_of_another_experiment(tmp_path, capsys):
         (f"{eq}:kava,bogus", "unknown method bogus"),
         (str(eq), "expected DIR:METHOD"),
         (f"{controls}:kava", "already has (KaVa (rkv.method=crop), KaVa (rkv.method=random))"),
+        (f"{eq}:pccot --also {eq}:kava,pccot", "already has (PCCoT)"),
         (f"{tmp_path / 'nowhere'}:kava", "not an experiment folder"),
     ]:
-        assert main(["report", str(controls), "--no-eviction-plot", "--also", also]) == 2, also
+        flags = [x for part in also.split(" --also ") for x in ("--also", part)]
+        argv = ["report", str(controls), "--no-eviction-plot", *flags]
+        assert main(argv) == 2, also
         assert says in capsys.readouterr().err, also
 
 

@@ -739,16 +739,17 @@ def make_report(
     exp_dir = Path(exp_dir)
     out = Path(out_dir) if out_dir is not None else exp_dir / "report"
     runs, incomplete = load_results(exp_dir)
-    extra = [r for spec in also for r in load_also(spec)]
-    clash = {r.group for r in extra} & {r.group for r in runs}
-    if clash:
-        rows = ", ".join(Group(m, v).label for m, v in sorted(clash))
-        raise ReportError(
-            f"--also adds runs to a row this experiment already has ({rows}): a row's seeds "
-            "come from one experiment"
-        )
     own = len(runs)  # this experiment's complete runs (the count the header gives)
-    runs += extra
+    for spec in also:
+        extra = load_also(spec)
+        clash = {r.group for r in extra} & {r.group for r in runs}
+        if clash:
+            rows = ", ".join(Group(m, v).label for m, v in sorted(clash))
+            raise ReportError(
+                f"--also {spec!r} adds runs to a row the report already has ({rows}): a "
+                "row's seeds come from one experiment"
+            )
+        runs += extra
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     check_same_configs(groups)
