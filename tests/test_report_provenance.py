@@ -63,3 +63,17 @@ def test_report_refuses_a_row_of_different_configs(tmp_path, capsys):
         make_report(exp, eviction=False)
     assert main(["report", str(exp), "--no-eviction-plot"]) == 2
     assert "kava__seed0 and kava__seed1 differ in kv_loss.type, train.lr" in capsys.readouterr().err
+
+
+def test_report_row_may_mix_speed_options(tmp_path):
+    """Seeds run eager and compiled (train.compile, train.attention: the same training,
+    rounded differently) are one row, as kava experiment counts them as the same run."""
+    exp = make_experiment(
+        tmp_path / "exp",
+        [
+            ("kava__seed0", "kava", 0, [], None),
+            ("kava__seed1", "kava", 1, ["train.compile=layers", "train.attention=grouped"], None),
+        ],
+    )
+    md = make_report(exp, eviction=False)["files"]["markdown"].read_text()
+    assert "| KaVa | 2 |" in md

@@ -28,8 +28,8 @@ an interrupted grid re-run finishes only what is missing: a run with a ``final/`
 checkpoint is only evaluated, one with a ``checkpoints/step-N`` resumes training there,
 anything else starts again from scratch. A run folder made with a config that differs
 from the spec's in more than the speed and bookkeeping keys (``kava.rundir.RESUME_MUTABLE``:
-``train.compile``, ``train.attention``, ...) is an error naming the keys. ``shard=(i, n)`` takes the runs whose index is
-``i`` modulo ``n`` (one process per GPU).
+``train.compile``, ``train.attention``, ...) is an error naming the keys.
+``shard=(i, n)`` takes the runs whose index is ``i`` modulo ``n`` (one process per GPU).
 """
 
 from __future__ import annotations

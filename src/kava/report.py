@@ -181,8 +181,10 @@ def group_runs(runs: list[RunResult]) -> list[Group]:
 
 
 def check_same_configs(groups: list[Group]) -> None:
-    """Refuse to aggregate a row whose runs differ in anything but ``train.seed`` (and
-    ``train.output_dir``): ``MixedConfigsError`` names the row, the runs and the keys."""
+    """Refuse to aggregate a row whose runs differ in anything but ``train.seed`` (and the
+    keys ``kava.experiments`` compares runs without: ``train.output_dir``, logging and
+    checkpointing, the speed options such as ``train.compile``): ``MixedConfigsError``
+    names the row, the runs and the keys."""
     for g in groups:
         runs = [r for r in g.runs if r.config]
         if len(runs) < 2:
