@@ -531,6 +531,22 @@ def test_shards_partition_the_runs(tmp_path, capsys):
     for bad in ("3/3", "1", "0/0", "a/b"):
         assert main(["experiment", str(spec), "--dry-run", "--shard", bad]) == 2
         assert "--shard" in capsys.readouterr().err
+    # --only: run-name patterns select runs (then --shard splits those by index)
+    assert main(["experiment", str(spec), "--output-dir", str(tmp_path / "o"), "--dry-run",
+                 "--only", "*__seed0,kava__rkv.method=crop__seed1"]) == 0  # fmt: skip
+    listed = [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]]
+    want = [n for n in names if n.endswith("__seed0") or n == "kava__rkv.method=crop__seed1"]
+    assert listed == want and len(want) == 7 * 2 + 1
+    assert main(["experiment", str(spec), "--output-dir", str(tmp_path / "o"), "--dry-run",
+                 "--only", "*__seed1", "--shard", "0/3"]) == 0  # fmt: skip
+    listed = [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert listed == [r.name for r in exp.runs if r.seed == 1 and r.index % 3 == 0] != []
+    assert main(["experiment", str(spec), "--output-dir", str(tmp_path / "o"), "--dry-run",
+                 "--only", "*__seed1", "--shard", "0/2"]) == 0  # an empty shard: 0 runs # fmt: skip
+    assert ", 0 in this shard 0/2" in capsys.readouterr().out
+    for bad in ("*__seed7", ","):  # a pattern that matches nothing runs nothing: an error
+        assert main(["experiment", str(spec), "--dry-run", "--only", bad]) == 2
+        assert "--only" in capsys.readouterr().err
     for run in exp.runs:  # each run's config is the spec's, with its method, seed, folder
         assert run.cfg.method == run.method and run.cfg.train.seed == run.seed
         assert run.cfg.train.output_dir == str(tmp_path / "out" / "runs" / run.name)

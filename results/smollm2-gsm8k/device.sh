@@ -4,7 +4,10 @@
 #   stage1            copy the first half of the staged GGUF and the gguf wheel
 #   start K SECONDS   join the GGUF, launch K workers in the background (setsid), return
 #                     SECONDS after the call began (<= 540: the device cuts a call at 600);
-#                     K may exceed what fits: each worker starts when MEM_GIB are free.
+#                     K may exceed what fits: each worker starts a run when MEM_GIB are free.
+#                     The workers take runs one at a time from one queue, seed-major (seed 0
+#                     of every method of every spec, then seed 1, ...): a slice that ends
+#                     mid-grid leaves whole seeds done rather than whole methods.
 #                     Pass KAVA_COMMIT=<hash of the commit here>, written out in the command:
 #                     the device's copy has no .git of this commit; each run's manifest.json
 #                     records it as git_commit
@@ -64,8 +67,23 @@ start)
   (cd "$REPO" && python3 -c "from kava.backbone import resolve_model_source; from kava.config import ModelConfig; print(resolve_model_source(ModelConfig()))")
   # runs finished in earlier sessions (committed, DONE.json without weights) are skipped
   for s in $SPECS; do [ -d "results/smollm2-gsm8k/$s" ] && cp -r "results/smollm2-gsm8k/$s" "$EXP/"; done
+  # the queue: "spec run" per line, runs not done yet, seed-major (then spec, then run order)
+  (cd "$REPO" && python3 - "$EXP" $SPECS <<'EOF'
+import sys
+from pathlib import Path
+from kava.experiments import load_spec
+root, rows = Path(sys.argv[1]), []
+for k, spec in enumerate(sys.argv[2:]):
+    exp = load_spec(f"results/smollm2-gsm8k/{spec}.yaml", root / spec)
+    rows += [(r.seed, k, r.index, spec, r.name) for r in exp.runs if not (r.dir / "DONE.json").exists()]
+for *_, spec, name in sorted(rows):
+    print(spec, name)
+EOF
+  ) >"$EXP/queue.txt" || exit 2
+  echo "queue: $(wc -l <"$EXP/queue.txt") runs to do"; head -n 8 "$EXP/queue.txt"
+  for s in $SPECS; do mkdir -p "$EXP/claims/$s"; done
   for ((i = 0; i < K; i++)); do
-    setsid bash "$0" worker "$i" "$K" >"$EXP/logs/w$i.log" 2>&1 </dev/null &
+    setsid bash "$0" worker "$i" >"$EXP/logs/w$i.log" 2>&1 </dev/null &
   done
   # GPU use every 30 s, to size K (processes sharing the GPU) next time
   setsid bash -c "while sleep 30; do nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader; done" >"$EXP/logs/gpu-trace.csv" 2>&1 </dev/null &
@@ -77,25 +95,32 @@ start)
   sleep $(($3 > SECONDS ? $3 - SECONDS : 0)); pack ;;
 wait)
   sleep "$2"; pack ;;
-worker)  # worker I K: shard I of K of every spec, each run started when the GPU has room
-  i=$2 K=$3
+worker)  # worker I: takes the next unclaimed run of the queue when the GPU has room
+  i=$2
   cd "$REPO" || exit 1
   exec 9>"$EXP/logs/start.lock"
-  for s in $SPECS; do
+  while :; do
+    # one worker at a time claims a run, waits for MEM_GIB free, starts it, and holds the
+    # lock for up to STAGGER s while its memory grows: 10 started at once ran out of memory
+    # on 2026-12-04 (14-19 GiB each). A run killed by it resumes from its last checkpoint.
+    flock 9
+    job=""
+    while read -r s name; do
+      mkdir "$EXP/claims/$s/$name" 2>/dev/null && { job="$s $name"; break; }
+    done <"$EXP/queue.txt"
+    [ -z "$job" ] && { flock -u 9; break; }
+    read -r s name <<<"$job"
     for attempt in $(seq "$ATTEMPTS"); do
-      # one worker at a time waits for MEM_GIB free, starts, and holds the lock for up to
-      # STAGGER s while its memory grows: 10 started at once ran out of memory on
-      # 2026-12-04 (14-19 GiB each). A run killed by it resumes from its last checkpoint.
-      flock 9
+      [ "$attempt" -gt 1 ] && flock 9
       until [ "$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -1)" -ge $((MEM_GIB * 1024)) ]; do sleep 10; done
-      echo "$(date -u +%T) w$i $s attempt $attempt" >>"$EXP/logs/starts.log"
+      echo "$(date -u +%T) w$i $s $name attempt $attempt" >>"$EXP/logs/starts.log"
       OMP_NUM_THREADS=2 python3 -m kava.cli experiment "results/smollm2-gsm8k/$s.yaml" \
-        --shard "$i/$K" --output-dir "$EXP/$s" "${SETS[@]}" --no-progress 9>&- &
+        --only "$name" --output-dir "$EXP/$s" "${SETS[@]}" --no-progress 9>&- &
       pid=$!
       for ((t = 0; t < STAGGER; t++)); do kill -0 $pid 2>/dev/null || break; sleep 1; done
       flock -u 9
       wait $pid && break
-      echo "w$i: $s attempt $attempt failed"; sleep 30
+      echo "w$i: $s $name attempt $attempt failed"; sleep 30
     done
   done ;;
 esac

@@ -174,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="experiment spec YAML (e.g. experiments/offline-smoke.yaml)")
     p.add_argument("--output-dir", help="experiment folder (default: the spec's output_dir)")
     p.add_argument("--shard", help="I/N: run only the runs whose index is I modulo N (0 <= I < N)")
+    p.add_argument(
+        "--only",
+        help="comma-separated run-name patterns (fnmatch; see --dry-run for the names): run "
+        "only the runs one matches, e.g. '*__seed0' for one seed of every method first",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the runs and their status")
     _add_overrides(p)
     p.add_argument("--no-progress", action="store_true")
@@ -434,11 +439,15 @@ def cmd_push(args) -> int:
 
 
 def cmd_experiment(args) -> int:
+    from kava.config import ConfigError
     from kava.experiments import load_spec, parse_shard, run_experiment
 
     shard = parse_shard(args.shard) if args.shard is not None else None
+    only = [p for p in args.only.split(",") if p] if args.only is not None else None
+    if only is not None and not only:
+        raise ConfigError("--only: expected run-name patterns, e.g. '*__seed0'")
     exp = load_spec(args.spec, args.output_dir, args.overrides)
-    run_experiment(exp, shard=shard, dry_run=args.dry_run, progress=not args.no_progress)
+    run_experiment(exp, shard=shard, dry_run=args.dry_run, progress=not args.no_progress, only=only)
     return 0
 
 

@@ -29,12 +29,15 @@ checkpoint is only evaluated, one with a ``checkpoints/step-N`` resumes training
 anything else starts again from scratch. A run folder made with a config that differs
 from the spec's in more than the speed and bookkeeping keys (``kava.rundir.RESUME_MUTABLE``:
 ``train.compile``, ``train.attention``, ...) is an error naming the keys.
-``shard=(i, n)`` takes the runs whose index is ``i`` modulo ``n`` (one process per GPU).
+``shard=(i, n)`` takes the runs whose index is ``i`` modulo ``n`` (one process per GPU);
+``only`` (run-name patterns, e.g. ``*__seed0``) takes the runs one of them matches, e.g. one
+seed of every method first, or one run for a scheduler that hands out runs one at a time.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import gc
 import itertools
 import json
@@ -368,6 +371,18 @@ def shard_runs(runs: list[Run], shard: tuple[int, int] | None) -> list[Run]:
     return [r for r in runs if r.index % n == i]
 
 
+def select_runs(runs: list[Run], only: list[str] | None) -> list[Run]:
+    """The runs whose name matches one of the ``fnmatch`` patterns ``only`` (all if None);
+    a pattern that matches no run is an error (a typo would otherwise run nothing)."""
+    if only is None:
+        return list(runs)
+    for pattern in only:
+        if not any(fnmatch.fnmatchcase(r.name, pattern) for r in runs):
+            names = ", ".join(r.name for r in runs[:4]) + (", ..." if len(runs) > 4 else "")
+            raise ConfigError(f"--only {pattern!r}: matches none of the runs ({names})")
+    return [r for r in runs if any(fnmatch.fnmatchcase(r.name, p) for p in only)]
+
+
 # --------------------------------------------------------------------------- status
 
 
@@ -579,18 +594,21 @@ def run_experiment(
     dry_run: bool = False,
     progress: bool = True,
     echo=print,
+    only: list[str] | None = None,
 ) -> list[tuple[Run, str]]:
-    """Run (or with ``dry_run`` only list) the runs of this shard; returns (run, status before)."""
-    runs = shard_runs(exp.runs, shard)
+    """Run (or with ``dry_run`` only list) the runs of this shard that ``only`` selects;
+    returns (run, status before)."""
+    runs = shard_runs(select_runs(exp.runs, only), shard)
     statuses = [(r, run_status(r)) for r in runs]  # config clashes fail before any training
     shard_txt = f" shard {shard[0]}/{shard[1]}" if shard else ""
+    shard_txt += f" --only {','.join(only)}" if only else ""
     todo = [(r, s) for r, s in statuses if s != "done"]
     echo(
         f"experiment {exp.name}: {len(exp.runs)} runs, {len(runs)} in this{shard_txt or ' process'}, "
         f"{len(todo)} to do -> {exp.output_dir}"
     )
     if dry_run:
-        width = max(len(r.name) for r, _ in statuses)
+        width = max((len(r.name) for r, _ in statuses), default=0)  # a shard may be empty
         for r, s in statuses:
             echo(f"  {r.index:4d}  {r.name:<{width}}  {s}")
         return statuses
