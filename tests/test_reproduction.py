@@ -105,3 +105,42 @@ def test_committed_report_is_the_committed_runs(name):
         passes = statistics.mean(m["mean_forward_passes"] for m in ms)
         assert float(row["passes_mean"]) == pytest.approx(passes, abs=1e-12)
     assert set(own) | also <= seen  # no complete run left out, the --also rows in
+
+
+# Committed comparisons (kava report --compare): experiment -> baseline experiment.
+COMPARISONS = {"nl": "eq"}
+
+
+@pytest.mark.parametrize("name", sorted(COMPARISONS))
+def test_committed_comparison_is_the_committed_runs(name):
+    """Every row of report/comparison.csv is this experiment's accuracy minus the
+    baseline's over the seeds both have, recomputed here from the runs' metrics.json."""
+    import csv
+    import statistics
+
+    here, base = RESULTS / name, RESULTS / COMPARISONS[name]
+    with (here / "report" / "comparison.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    seen = set()
+    for row in rows:
+        assert row["variant"] == ""  # these grids have no variants
+        seeds = [
+            s
+            for s in (0, 1, 2)
+            if (here / "runs" / f"{row['method']}__seed{s}" / "DONE.json").is_file()
+            and (base / "runs" / f"{row['method']}__seed{s}" / "DONE.json").is_file()
+        ]
+        assert row["seeds"] == " ".join(map(str, seeds)) and int(row["n"]) == len(seeds) >= 2
+
+        def acc(folder, s, row=row):
+            path = folder / "runs" / f"{row['method']}__seed{s}" / "eval" / row["dataset"]
+            return json.loads((path / "metrics.json").read_text())["accuracy"]
+
+        diffs = [acc(here, s) - acc(base, s) for s in seeds]
+        assert float(row["difference_mean"]) == pytest.approx(statistics.mean(diffs), abs=1e-12)
+        assert float(row["difference_std"]) == pytest.approx(statistics.stdev(diffs), abs=1e-12)
+        base_mean = statistics.mean(acc(base, s) for s in seeds)
+        assert float(row["baseline_accuracy_mean"]) == pytest.approx(base_mean, abs=1e-12)
+        seen.add((row["method"], row["dataset"]))
+    datasets = ["gsm8k", "svamp", "gsm-hard", "multiarith"]
+    assert seen == {(m, d) for m in METHODS for d in datasets}  # every method, every test set

@@ -209,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment folder as rows, e.g. the main table's R-KV and PCCoT rows next to "
         "eviction controls: --also results/smollm2-gsm8k/eq:kava,pccot (repeatable)",
     )
+    p.add_argument(
+        "--compare",
+        metavar="DIR",
+        help="a baseline experiment folder: adds a table and comparison.png/.csv of this "
+        "experiment's accuracy minus DIR's per method and dataset, over the seeds both have "
+        "(paired by seed), e.g. NL traces against equation traces: "
+        "kava report results/smollm2-gsm8k/nl --compare results/smollm2-gsm8k/eq",
+    )
 
     p = sub.add_parser(
         "inspect",
@@ -460,6 +468,7 @@ def cmd_report(args) -> int:
         eviction=not args.no_eviction_plot,
         sample=args.sample,
         also=args.also,
+        compare=args.compare,
     )
     print(res["files"]["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in res["files"].values()))

@@ -18,7 +18,11 @@ writes into ``<experiment>/report/``:
 * ``loss_curves.png`` — each loss term against the optimizer step, mean over seeds
   (band = ± std) per method/variant;
 * ``eviction.png`` — for a sample question, which teacher CoT tokens the first run with a
-  KV loss (KaVa) keeps per layer and KV head.
+  KV loss (KaVa) keeps per layer and KV head;
+* with ``compare=DIR`` (another experiment folder, e.g. the same grid on other traces):
+  ``comparison.csv`` and ``comparison.png`` and a section of ``results.md`` — per row both
+  experiments have and dataset, this experiment's accuracy minus DIR's over the seeds
+  both have complete (paired by seed), mean ± sample std of the per-seed differences.
 """
 
 from __future__ import annotations
@@ -403,6 +407,98 @@ def write_runs_csv(runs: list[RunResult], path: Path) -> None:
                 )
 
 
+# --------------------------------------------------------------------------- comparison
+
+COMPARE_FIELDS = [
+    "label",
+    "method",
+    "variant",
+    "dataset",
+    "n",
+    "seeds",
+    "baseline_accuracy_mean",
+    "accuracy_mean",
+    "difference_mean",
+    "difference_std",
+]
+
+
+def compare_rows(
+    runs: list[RunResult], baseline: list[RunResult], datasets: list[str]
+) -> list[dict[str, Any]]:
+    """Per row (method/variant) both run lists have and per dataset: accuracy here minus
+    in ``baseline``, over the seeds both have (paired by seed, so a row still missing a
+    seed in one experiment compares like with like); the std is the sample std of the
+    per-seed differences (None with one seed)."""
+    base = {(r.group, r.seed): r for r in baseline}
+    rows = []
+    for g in group_runs(runs):
+        for ds in datasets:
+            pairs = [
+                (r, base[(r.group, r.seed)])
+                for r in g.runs
+                if (r.group, r.seed) in base
+                and ds in r.metrics
+                and ds in base[(r.group, r.seed)].metrics
+            ]
+            if not pairs:
+                continue
+            diff_m, diff_s = _mean_std(
+                [a.metrics[ds]["accuracy"] - b.metrics[ds]["accuracy"] for a, b in pairs]
+            )
+            rows.append(
+                {
+                    "label": g.label,
+                    "method": g.method,
+                    "variant": ", ".join(f"{k}={v}" for k, v in g.variant),
+                    "dataset": ds,
+                    "n": len(pairs),
+                    "seeds": " ".join(str(a.seed) for a, _ in pairs),
+                    "baseline_accuracy_mean": _mean_std(
+                        [b.metrics[ds]["accuracy"] for _, b in pairs]
+                    )[0],
+                    "accuracy_mean": _mean_std([a.metrics[ds]["accuracy"] for a, _ in pairs])[0],
+                    "difference_mean": diff_m,
+                    "difference_std": diff_s,
+                }
+            )
+    return rows
+
+
+def comparison_table(rows: list[dict[str, Any]], datasets: list[str]) -> str:
+    """One line per row: per dataset "baseline -> here (difference ± std)", in points."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    cell = {(r["label"], r["dataset"]): r for r in rows}
+    lines = [
+        "| method | seeds | " + " | ".join(datasets) + " |",
+        "|" + "|".join(["---", "---"] + ["---:"] * len(datasets)) + "|",
+    ]
+    for label in labels:
+        seeds = sorted({cell[(label, d)]["seeds"] for d in datasets if (label, d) in cell})
+        out = [label, "; ".join(seeds)]
+        for ds in datasets:
+            r = cell.get((label, ds))
+            if r is None:
+                out.append("–")
+                continue
+            diff = f"{round(100 * r['difference_mean'], 2) + 0.0:+.2f}"  # no "-0.00"
+            if r["difference_std"] is not None:
+                diff += f" ± {100 * r['difference_std']:.2f}"
+            out.append(
+                f"{100 * r['baseline_accuracy_mean']:.2f} -> {100 * r['accuracy_mean']:.2f} ({diff})"
+            )
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def write_comparison_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COMPARE_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r[k] is None else r[k]) for k in COMPARE_FIELDS})
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -493,6 +589,41 @@ def plot_efficiency(rows: list[dict[str, Any]], datasets: list[str], path: Path)
         frameon=False,
     )
     fig.suptitle("Accuracy vs. forward passes (mean ± std over seeds; up-left is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_comparison(
+    rows: list[dict[str, Any]], datasets: list[str], title: str, path: Path
+) -> None:
+    """Accuracy difference (points) per row, one panel per dataset; error bars = std of the
+    per-seed differences."""
+    plt = _plt()
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    n = len(datasets)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 0.4, 0.45 * len(labels) + 1.6), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        for i, label in enumerate(labels):
+            r = next((r for r in rows if r["label"] == label and r["dataset"] == ds), None)
+            if r is None:
+                continue
+            ax.barh(
+                i,
+                100 * r["difference_mean"],
+                xerr=100 * (r["difference_std"] or 0.0),
+                color=_style(i)["color"],
+                alpha=0.85,
+                capsize=3,
+            )
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels if ax is axes[0][0] else [""] * len(labels))
+        ax.invert_yaxis()
+        ax.set_title(ds)
+        ax.set_xlabel("accuracy difference (points)")
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -735,9 +866,11 @@ def make_report(
     eviction: bool = True,
     sample: int = 0,
     also: list[str] | tuple[str, ...] = (),
+    compare: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write the tables and plots; returns the paths and the aggregated rows. ``also``:
-    ``DIR:METHOD[,...]`` rows from other experiment folders (``load_also``)."""
+    ``DIR:METHOD[,...]`` rows from other experiment folders (``load_also``); ``compare``:
+    a baseline experiment folder to subtract (``compare_rows``)."""
     exp_dir = Path(exp_dir)
     out = Path(out_dir) if out_dir is not None else exp_dir / "report"
     runs, incomplete = load_results(exp_dir)
@@ -752,11 +885,21 @@ def make_report(
                 "row's seeds come from one experiment"
             )
         runs += extra
-    out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     check_same_configs(groups)
     datasets = datasets_of(runs)
     rows = aggregate(groups, datasets)
+    comparison: list[dict[str, Any]] = []
+    if compare is not None:
+        baseline, _ = load_results(compare)
+        check_same_configs(group_runs(baseline))
+        comparison = compare_rows(runs, baseline, datasets)
+        if not comparison:
+            raise ReportError(
+                f"--compare {compare}: no method/variant with the same seed and dataset "
+                f"complete in both {exp_dir} and {compare}"
+            )
+    out.mkdir(parents=True, exist_ok=True)
     info = {}
     info_path = exp_dir / "experiment.json"
     if info_path.is_file():
@@ -797,6 +940,24 @@ def make_report(
         "seed; `seeds` = number of seeds."
     )
     md += ["", markdown_table(rows, datasets), ""]
+    if comparison:
+        files["comparison_csv"] = out / "comparison.csv"
+        files["comparison_plot"] = out / "comparison.png"
+        write_comparison_csv(comparison, files["comparison_csv"])
+        title = f"Accuracy here minus in {compare} (mean ± std of per-seed differences)"
+        plot_comparison(comparison, datasets, title, files["comparison_plot"])
+        md += [
+            f"## Against `{compare}`",
+            "",
+            f"Accuracy (%) in `{compare}` -> here (difference in points, mean ± sample std "
+            "of the per-seed differences), per row both experiments have, over the seeds "
+            "both have complete (`seeds`).",
+            "",
+            comparison_table(comparison, datasets),
+            "",
+            f"![comparison]({files['comparison_plot'].name})",
+            "",
+        ]
     md += ["## Checkpoint selection", "", selection_table(groups), ""]
     md += ["## Runs", "", per_run_table(runs, datasets), ""]
     md += ["## Provenance", "", provenance_table(runs), ""]
@@ -806,4 +967,10 @@ def make_report(
     if evict_run:
         md.append(f"![eviction]({files['eviction'].name}) (run {evict_run})")
     files["markdown"].write_text("\n".join(md) + "\n")
-    return {"files": files, "rows": rows, "runs": runs, "incomplete": incomplete}
+    return {
+        "files": files,
+        "rows": rows,
+        "runs": runs,
+        "incomplete": incomplete,
+        "comparison": comparison,
+    }
