@@ -42,8 +42,8 @@ pack() {
     --exclude=predictions.jsonl .
   (cd "$EXP" && find . -name predictions.jsonl -print0 | tar czf "$OUT/predictions.tgz" --null -T -)
   ls -la "$OUT"
-  for s in $SPECS; do
-    echo "$s: $(ls $EXP/$s/runs/*/DONE.json 2>/dev/null | wc -l) runs done"
+  for s in $SPECS; do  # the specs this call was given (wait defaults to all three)
+    [ -d "$EXP/$s" ] && echo "$s: $(ls $EXP/$s/runs/*/DONE.json 2>/dev/null | wc -l) runs done"
   done
   tail -n 3 "$EXP"/logs/w*.log
 }
