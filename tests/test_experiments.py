@@ -533,8 +533,10 @@ def test_shards_partition_the_runs(tmp_path, capsys):
         assert "--shard" in capsys.readouterr().err
     # --only: run-name patterns select runs (then --shard splits those by index)
     assert main(["experiment", str(spec), "--output-dir", str(tmp_path / "o"), "--dry-run",
-                 "--only", "*__seed0,kava__rkv.method=crop__seed1"]) == 0  # fmt: skip
-    listed = [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]]
+                 "--only", "*__seed0, kava__rkv.method=crop__seed1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert ", 15 in this process (--only *__seed0,kava__rkv.method=crop__seed1), " in out
+    listed = [line.split()[1] for line in out.splitlines()[1:]]
     want = [n for n in names if n.endswith("__seed0") or n == "kava__rkv.method=crop__seed1"]
     assert listed == want and len(want) == 7 * 2 + 1
     assert main(["experiment", str(spec), "--output-dir", str(tmp_path / "o"), "--dry-run",

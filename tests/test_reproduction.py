@@ -141,6 +141,9 @@ def test_committed_comparison_is_the_committed_runs(name):
         assert float(row["difference_std"]) == pytest.approx(statistics.stdev(diffs), abs=1e-12)
         base_mean = statistics.mean(acc(base, s) for s in seeds)
         assert float(row["baseline_accuracy_mean"]) == pytest.approx(base_mean, abs=1e-12)
+        here_mean = statistics.mean(acc(here, s) for s in seeds)
+        assert float(row["accuracy_mean"]) == pytest.approx(here_mean, abs=1e-12)
+        assert row["config_differs_in"] == "data.train"  # the trace style, nothing else
         seen.add((row["method"], row["dataset"]))
     datasets = ["gsm8k", "svamp", "gsm-hard", "multiarith"]
     assert seen == {(m, d) for m in METHODS for d in datasets}  # every method, every test set

@@ -21,9 +21,9 @@ set -uo pipefail
 EXP=/tmp/exp
 SITE=/tmp/site
 SPECS=${SPECS:-"eq controls nl"}  # e.g. SPECS=eq: one table first
-MEM_GIB=${MEM_GIB:-22}   # free GPU memory a worker waits for before it starts a shard
+MEM_GIB=${MEM_GIB:-22}   # free GPU memory a worker waits for before it starts a run
 STAGGER=${STAGGER:-60}   # seconds between two workers' starts (their memory grows meanwhile)
-ATTEMPTS=${ATTEMPTS:-3}  # tries per shard and spec (a run that failed resumes)
+ATTEMPTS=${ATTEMPTS:-3}  # tries per run (a run that failed resumes from its checkpoint)
 # config overrides for every run, space-separated KEY=VALUE; only the speed options that a
 # finished run is compared without (kava.experiments), e.g. SET=train.compile=layers
 SETS=()
@@ -42,6 +42,7 @@ pack() {
     --exclude=predictions.jsonl .
   (cd "$EXP" && find . -name predictions.jsonl -print0 | tar czf "$OUT/predictions.tgz" --null -T -)
   ls -la "$OUT"
+  [ -s "$EXP/logs/failed.txt" ] && echo "FAILED after $ATTEMPTS attempts: $(cat "$EXP/logs/failed.txt")"
   for s in $SPECS; do  # the specs this call was given (wait defaults to all three)
     [ -d "$EXP/$s" ] && echo "$s: $(ls $EXP/$s/runs/*/DONE.json 2>/dev/null | wc -l) runs done"
   done
@@ -81,6 +82,7 @@ for *_, spec, name in sorted(rows):
 EOF
   ) >"$EXP/queue.txt" || exit 2
   echo "queue: $(wc -l <"$EXP/queue.txt") runs to do"; head -n 8 "$EXP/queue.txt"
+  # claims live as long as the machine: a second start on it skips runs claimed before
   for s in $SPECS; do mkdir -p "$EXP/claims/$s"; done
   for ((i = 0; i < K; i++)); do
     setsid bash "$0" worker "$i" >"$EXP/logs/w$i.log" 2>&1 </dev/null &
@@ -120,7 +122,9 @@ worker)  # worker I: takes the next unclaimed run of the queue when the GPU has 
       for ((t = 0; t < STAGGER; t++)); do kill -0 $pid 2>/dev/null || break; sleep 1; done
       flock -u 9
       wait $pid && break
-      echo "w$i: $s $name attempt $attempt failed"; sleep 30
+      echo "w$i: $s $name attempt $attempt failed"
+      [ "$attempt" -eq "$ATTEMPTS" ] && echo "$s $name" >>"$EXP/logs/failed.txt"
+      sleep 30
     done
   done ;;
 esac

@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare",
         metavar="DIR",
         help="a baseline experiment folder: adds a table and comparison.png/.csv of this "
-        "experiment's accuracy minus DIR's per method and dataset, over the seeds both have "
+        "experiment's accuracy minus DIR's per row (method/variant) and dataset, over the seeds "
+        "both have "
         "(paired by seed), e.g. NL traces against equation traces: "
         "kava report results/smollm2-gsm8k/nl --compare results/smollm2-gsm8k/eq",
     )
@@ -451,7 +452,7 @@ def cmd_experiment(args) -> int:
     from kava.experiments import load_spec, parse_shard, run_experiment
 
     shard = parse_shard(args.shard) if args.shard is not None else None
-    only = [p for p in args.only.split(",") if p] if args.only is not None else None
+    only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only is not None else None
     if only is not None and not only:
         raise ConfigError("--only: expected run-name patterns, e.g. '*__seed0'")
     exp = load_spec(args.spec, args.output_dir, args.overrides)

@@ -42,6 +42,7 @@ import gc
 import itertools
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -571,9 +572,17 @@ def execute_run(run: Run, status: str, progress: bool = True) -> dict[str, Any]:
     return record
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: processes of one grid (shards, --only)
+    rewrite these files at their start, and a reader never sees half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_experiment_files(exp: Experiment) -> None:
     exp.output_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(exp.spec_path, exp.output_dir / "spec.yaml")
+    _write_atomic(exp.output_dir / "spec.yaml", exp.spec_path.read_text())
     summary = {
         "name": exp.name,
         "description": exp.description,
@@ -585,7 +594,7 @@ def write_experiment_files(exp: Experiment) -> None:
         "datasets": exp.datasets,
         "runs": [r.name for r in exp.runs],
     }
-    (exp.output_dir / "experiment.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_atomic(exp.output_dir / "experiment.json", json.dumps(summary, indent=2) + "\n")
 
 
 def run_experiment(
@@ -600,11 +609,11 @@ def run_experiment(
     returns (run, status before)."""
     runs = shard_runs(select_runs(exp.runs, only), shard)
     statuses = [(r, run_status(r)) for r in runs]  # config clashes fail before any training
-    shard_txt = f" shard {shard[0]}/{shard[1]}" if shard else ""
-    shard_txt += f" --only {','.join(only)}" if only else ""
+    shard_txt = f" shard {shard[0]}/{shard[1]}" if shard else " process"
+    shard_txt += f" (--only {','.join(only)})" if only else ""
     todo = [(r, s) for r, s in statuses if s != "done"]
     echo(
-        f"experiment {exp.name}: {len(exp.runs)} runs, {len(runs)} in this{shard_txt or ' process'}, "
+        f"experiment {exp.name}: {len(exp.runs)} runs, {len(runs)} in this{shard_txt}, "
         f"{len(todo)} to do -> {exp.output_dir}"
     )
     if dry_run:

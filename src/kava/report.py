@@ -89,6 +89,10 @@ class Group:
     runs: list[RunResult] = field(default_factory=list)
 
     @property
+    def key(self) -> tuple[str, tuple[tuple[str, str], ...]]:
+        return self.method, self.variant
+
+    @property
     def label(self) -> str:
         name = METHODS[self.method].label if self.method in METHODS else self.method
         if self.variant:
@@ -420,7 +424,17 @@ COMPARE_FIELDS = [
     "accuracy_mean",
     "difference_mean",
     "difference_std",
+    "config_differs_in",
 ]
+
+
+def _config_diff(a: RunResult, b: RunResult) -> list[str]:
+    """The config keys two runs differ in, without the seed and the keys a finished run is
+    compared without (``kava.experiments``: output folder, logging, speed options)."""
+    ca, cb = _comparable(_normalized(a.config)), _comparable(_normalized(b.config))
+    for c in (ca, cb):
+        c.get("train", {}).pop("seed", None)
+    return _diff_keys(ca, cb)
 
 
 def compare_rows(
@@ -429,23 +443,30 @@ def compare_rows(
     """Per row (method/variant) both run lists have and per dataset: accuracy here minus
     in ``baseline``, over the seeds both have (paired by seed, so a row still missing a
     seed in one experiment compares like with like); the std is the sample std of the
-    per-seed differences (None with one seed)."""
+    per-seed differences (None with one seed); ``config_differs_in``: the config keys the
+    paired runs differ in (what the comparison varies, e.g. ``data.train``). A pair scored
+    on different numbers of questions is an error (its accuracies do not subtract)."""
     base = {(r.group, r.seed): r for r in baseline}
     rows = []
     for g in group_runs(runs):
+        paired = [(r, base[(r.group, r.seed)]) for r in g.runs if (r.group, r.seed) in base]
+        if not paired:
+            continue
+        differs = sorted({k for a, b in paired for k in _config_diff(a, b)})
         for ds in datasets:
-            pairs = [
-                (r, base[(r.group, r.seed)])
-                for r in g.runs
-                if (r.group, r.seed) in base
-                and ds in r.metrics
-                and ds in base[(r.group, r.seed)].metrics
-            ]
+            pairs = [(a, b) for a, b in paired if ds in a.metrics and ds in b.metrics]
             if not pairs:
                 continue
-            diff_m, diff_s = _mean_std(
-                [a.metrics[ds]["accuracy"] - b.metrics[ds]["accuracy"] for a, b in pairs]
-            )
+            for a, b in pairs:
+                if a.metrics[ds]["n"] != b.metrics[ds]["n"]:
+                    raise ReportError(
+                        f"{metrics_path(a.dir, ds)} has n={a.metrics[ds]['n']} questions, "
+                        f"{metrics_path(b.dir, ds)} n={b.metrics[ds]['n']}: accuracies on "
+                        "different question sets do not subtract"
+                    )
+            acc_here = [a.metrics[ds]["accuracy"] for a, _ in pairs]
+            acc_base = [b.metrics[ds]["accuracy"] for _, b in pairs]
+            diff_m, diff_s = _mean_std([x - y for x, y in zip(acc_here, acc_base)])
             rows.append(
                 {
                     "label": g.label,
@@ -454,12 +475,11 @@ def compare_rows(
                     "dataset": ds,
                     "n": len(pairs),
                     "seeds": " ".join(str(a.seed) for a, _ in pairs),
-                    "baseline_accuracy_mean": _mean_std(
-                        [b.metrics[ds]["accuracy"] for _, b in pairs]
-                    )[0],
-                    "accuracy_mean": _mean_std([a.metrics[ds]["accuracy"] for a, _ in pairs])[0],
+                    "baseline_accuracy_mean": _mean_std(acc_base)[0],
+                    "accuracy_mean": _mean_std(acc_here)[0],
                     "difference_mean": diff_m,
                     "difference_std": diff_s,
+                    "config_differs_in": " ".join(differs),
                 }
             )
     return rows
@@ -470,8 +490,8 @@ def comparison_table(rows: list[dict[str, Any]], datasets: list[str]) -> str:
     labels = list(dict.fromkeys(r["label"] for r in rows))
     cell = {(r["label"], r["dataset"]): r for r in rows}
     lines = [
-        "| method | seeds | " + " | ".join(datasets) + " |",
-        "|" + "|".join(["---", "---"] + ["---:"] * len(datasets)) + "|",
+        "| method | seeds | " + " | ".join(datasets) + " | configs differ in |",
+        "|" + "|".join(["---", "---"] + ["---:"] * len(datasets) + ["---"]) + "|",
     ]
     for label in labels:
         seeds = sorted({cell[(label, d)]["seeds"] for d in datasets if (label, d) in cell})
@@ -487,6 +507,9 @@ def comparison_table(rows: list[dict[str, Any]], datasets: list[str]) -> str:
             out.append(
                 f"{100 * r['baseline_accuracy_mean']:.2f} -> {100 * r['accuracy_mean']:.2f} ({diff})"
             )
+        differs = {cell[(label, d)]["config_differs_in"] for d in datasets if (label, d) in cell}
+        keys = sorted(set(" ".join(differs).split()))
+        out.append(", ".join(f"`{k}`" for k in keys) or "nothing")
         lines.append("| " + " | ".join(out) + " |")
     return "\n".join(lines)
 
@@ -890,10 +913,14 @@ def make_report(
     datasets = datasets_of(runs)
     rows = aggregate(groups, datasets)
     comparison: list[dict[str, Any]] = []
-    if compare is not None:
+    if compare is not None:  # this experiment's own runs (not --also's) against DIR's
         baseline, _ = load_results(compare)
-        check_same_configs(group_runs(baseline))
-        comparison = compare_rows(runs, baseline, datasets)
+        own_groups = {r.group for r in runs[:own]}
+        try:
+            check_same_configs([g for g in group_runs(baseline) if g.key in own_groups])
+        except MixedConfigsError as e:
+            raise MixedConfigsError(f"--compare {compare}: {e}") from None
+        comparison = compare_rows(runs[:own], baseline, datasets)
         if not comparison:
             raise ReportError(
                 f"--compare {compare}: no method/variant with the same seed and dataset "
@@ -945,15 +972,17 @@ def make_report(
         files["comparison_plot"] = out / "comparison.png"
         write_comparison_csv(comparison, files["comparison_csv"])
         title = f"Accuracy here minus in {compare} (mean ± std of per-seed differences)"
-        plot_comparison(comparison, datasets, title, files["comparison_plot"])
+        compared = [d for d in datasets if any(r["dataset"] == d for r in comparison)]
+        plot_comparison(comparison, compared, title, files["comparison_plot"])
         md += [
             f"## Against `{compare}`",
             "",
             f"Accuracy (%) in `{compare}` -> here (difference in points, mean ± sample std "
             "of the per-seed differences), per row both experiments have, over the seeds "
-            "both have complete (`seeds`).",
+            "both have complete (`seeds`); the last column lists the config keys the "
+            "paired runs differ in (the seed and the speed options aside).",
             "",
-            comparison_table(comparison, datasets),
+            comparison_table(comparison, compared),
             "",
             f"![comparison]({files['comparison_plot'].name})",
             "",
