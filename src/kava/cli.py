@@ -214,8 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a baseline experiment folder: adds a table and comparison.png/.csv of this "
         "experiment's accuracy minus DIR's per row (method/variant) and dataset, over the seeds "
-        "both have "
-        "(paired by seed), e.g. NL traces against equation traces: "
+        "both have (paired by seed), e.g. NL traces against equation traces: "
         "kava report results/smollm2-gsm8k/nl --compare results/smollm2-gsm8k/eq",
     )
 

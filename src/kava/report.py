@@ -188,6 +188,14 @@ def group_runs(runs: list[RunResult]) -> list[Group]:
     return out
 
 
+def _seedless_config(run: RunResult) -> dict[str, Any]:
+    """The run's config as runs of one row are compared: without ``train.seed`` and the keys
+    ``kava.experiments`` compares finished runs without (output folder, logging, speed)."""
+    cfg = _comparable(_normalized(run.config))
+    cfg.get("train", {}).pop("seed", None)
+    return cfg
+
+
 def check_same_configs(groups: list[Group]) -> None:
     """Refuse to aggregate a row whose runs differ in anything but ``train.seed`` (and the
     keys ``kava.experiments`` compares runs without: ``train.output_dir``, logging and
@@ -197,12 +205,9 @@ def check_same_configs(groups: list[Group]) -> None:
         runs = [r for r in g.runs if r.config]
         if len(runs) < 2:
             continue
-        ref = _comparable(_normalized(runs[0].config))
-        ref.get("train", {}).pop("seed", None)
+        ref = _seedless_config(runs[0])
         for r in runs[1:]:
-            other = _comparable(_normalized(r.config))
-            other.get("train", {}).pop("seed", None)
-            diff = _diff_keys(ref, other)
+            diff = _diff_keys(ref, _seedless_config(r))
             if diff:
                 raise MixedConfigsError(
                     f"row {g.label!r}: runs {runs[0].name} and {r.name} differ in "
@@ -381,12 +386,13 @@ CSV_FIELDS = (
 )
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def write_csv(rows: list[dict[str, Any]], path: Path, fields=CSV_FIELDS) -> None:
+    """``rows`` as CSV with the columns ``fields`` (None as an empty cell)."""
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS})
+            w.writerow({k: ("" if r[k] is None else r[k]) for k in fields})
 
 
 def write_runs_csv(runs: list[RunResult], path: Path) -> None:
@@ -428,15 +434,6 @@ COMPARE_FIELDS = [
 ]
 
 
-def _config_diff(a: RunResult, b: RunResult) -> list[str]:
-    """The config keys two runs differ in, without the seed and the keys a finished run is
-    compared without (``kava.experiments``: output folder, logging, speed options)."""
-    ca, cb = _comparable(_normalized(a.config)), _comparable(_normalized(b.config))
-    for c in (ca, cb):
-        c.get("train", {}).pop("seed", None)
-    return _diff_keys(ca, cb)
-
-
 def compare_rows(
     runs: list[RunResult], baseline: list[RunResult], datasets: list[str]
 ) -> list[dict[str, Any]]:
@@ -452,7 +449,9 @@ def compare_rows(
         paired = [(r, base[(r.group, r.seed)]) for r in g.runs if (r.group, r.seed) in base]
         if not paired:
             continue
-        differs = sorted({k for a, b in paired for k in _config_diff(a, b)})
+        differs = sorted(
+            {k for a, b in paired for k in _diff_keys(_seedless_config(a), _seedless_config(b))}
+        )
         for ds in datasets:
             pairs = [(a, b) for a, b in paired if ds in a.metrics and ds in b.metrics]
             if not pairs:
@@ -507,19 +506,10 @@ def comparison_table(rows: list[dict[str, Any]], datasets: list[str]) -> str:
             out.append(
                 f"{100 * r['baseline_accuracy_mean']:.2f} -> {100 * r['accuracy_mean']:.2f} ({diff})"
             )
-        differs = {cell[(label, d)]["config_differs_in"] for d in datasets if (label, d) in cell}
-        keys = sorted(set(" ".join(differs).split()))
-        out.append(", ".join(f"`{k}`" for k in keys) or "nothing")
+        keys = next(r for r in rows if r["label"] == label)["config_differs_in"].split()
+        out.append(", ".join(f"`{k}`" for k in keys) or "nothing")  # one set per row
         lines.append("| " + " | ".join(out) + " |")
     return "\n".join(lines)
-
-
-def write_comparison_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COMPARE_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r[k] is None else r[k]) for k in COMPARE_FIELDS})
 
 
 # --------------------------------------------------------------------------- plots
@@ -970,7 +960,7 @@ def make_report(
     if comparison:
         files["comparison_csv"] = out / "comparison.csv"
         files["comparison_plot"] = out / "comparison.png"
-        write_comparison_csv(comparison, files["comparison_csv"])
+        write_csv(comparison, files["comparison_csv"], COMPARE_FIELDS)
         title = f"Accuracy here minus in {compare} (mean ± std of per-seed differences)"
         compared = [d for d in datasets if any(r["dataset"] == d for r in comparison)]
         plot_comparison(comparison, compared, title, files["comparison_plot"])
