@@ -12,6 +12,7 @@
 #                     the device's copy has no .git of this commit; each run's manifest.json
 #                     records it as git_commit
 #   wait SECONDS      wait (the workers go on while the machine stays warm), then pack;
+#                     returns early once every worker has exited (queue empty);
 #                     make each call at once after the last: an idle machine goes in ~30 s
 # Runs finished in earlier sessions (results/smollm2-gsm8k/<spec>/runs) are copied in first
 # and skipped. Each call ends by packing $OUT/results.tgz (json, yaml and log files of every run; no
@@ -95,8 +96,10 @@ EOF
   # SECONDS counts the whole call: set-up included, it ends by $3 (a call cut by the
   # device's limit packs nothing, and its machine may be gone before the next call)
   sleep $(($3 > SECONDS ? $3 - SECONDS : 0)); pack ;;
-wait)
-  sleep "$2"; pack ;;
+wait)  # up to SECONDS; returns early once no worker is left (the rest of the call is free)
+  end=$((SECONDS + $2))
+  while [ $SECONDS -lt $end ] && pgrep -f "device.sh worker" >/dev/null; do sleep 5; done
+  pack ;;
 worker)  # worker I: takes the next unclaimed run of the queue when the GPU has room
   i=$2
   cd "$REPO" || exit 1
