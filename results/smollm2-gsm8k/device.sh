@@ -22,6 +22,8 @@ set -uo pipefail
 EXP=/tmp/exp
 SITE=/tmp/site
 SPECS=${SPECS:-"eq controls nl"}  # e.g. SPECS=eq: one table first
+ONLY=${ONLY:-"*"}  # comma-separated run-name patterns the queue keeps, e.g. ONLY="kava__*,pccot__*"
+export ONLY
 MEM_GIB=${MEM_GIB:-22}   # free GPU memory a worker waits for before it starts a run
 STAGGER=${STAGGER:-60}   # seconds between two workers' starts (their memory grows meanwhile)
 ATTEMPTS=${ATTEMPTS:-3}  # tries per run (a run that failed resumes from its checkpoint)
@@ -71,13 +73,19 @@ start)
   for s in $SPECS; do [ -d "results/smollm2-gsm8k/$s" ] && cp -r "results/smollm2-gsm8k/$s" "$EXP/"; done
   # the queue: "spec run" per line, runs not done yet, seed-major (then spec, then run order)
   (cd "$REPO" && python3 - "$EXP" $SPECS <<'EOF'
-import sys
+import os, sys
+from fnmatch import fnmatch
 from pathlib import Path
 from kava.experiments import load_spec
 root, rows = Path(sys.argv[1]), []
+only = [p.strip() for p in os.environ.get("ONLY", "*").split(",") if p.strip()]
 for k, spec in enumerate(sys.argv[2:]):
     exp = load_spec(f"results/smollm2-gsm8k/{spec}.yaml", root / spec)
-    rows += [(r.seed, k, r.index, spec, r.name) for r in exp.runs if not (r.dir / "DONE.json").exists()]
+    rows += [
+        (r.seed, k, r.index, spec, r.name)
+        for r in exp.runs
+        if not (r.dir / "DONE.json").exists() and any(fnmatch(r.name, p) for p in only)
+    ]
 for *_, spec, name in sorted(rows):
     print(spec, name)
 EOF
