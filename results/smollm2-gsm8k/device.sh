@@ -42,7 +42,7 @@ pack() {
   nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv >>"$EXP/logs/gpu.csv"
   tar czf "$OUT/results.tgz" -C "$EXP" --exclude=checkpoints --exclude=final --exclude=tb \
     --exclude='*.safetensors' --exclude='*.pt' --exclude=adapter --exclude=tokenizer \
-    --exclude=predictions.jsonl .
+    --exclude=predictions.jsonl --exclude=start.lock --exclude=claims .
   (cd "$EXP" && find . -name predictions.jsonl -print0 | tar czf "$OUT/predictions.tgz" --null -T -)
   ls -la "$OUT"
   [ -s "$EXP/logs/failed.txt" ] && echo "FAILED after $ATTEMPTS attempts: $(cat "$EXP/logs/failed.txt")"
