@@ -74,18 +74,15 @@ start)
   # the queue: "spec run" per line, runs not done yet, seed-major (then spec, then run order)
   (cd "$REPO" && python3 - "$EXP" $SPECS <<'EOF'
 import os, sys
-from fnmatch import fnmatch
 from pathlib import Path
-from kava.experiments import load_spec
-root, rows = Path(sys.argv[1]), []
-only = [p.strip() for p in os.environ.get("ONLY", "*").split(",") if p.strip()]
-for k, spec in enumerate(sys.argv[2:]):
-    exp = load_spec(f"results/smollm2-gsm8k/{spec}.yaml", root / spec)
-    rows += [
-        (r.seed, k, r.index, spec, r.name)
-        for r in exp.runs
-        if not (r.dir / "DONE.json").exists() and any(fnmatch(r.name, p) for p in only)
-    ]
+from kava.experiments import load_spec, parse_only, select_runs
+root, specs = Path(sys.argv[1]), sys.argv[2:]
+runs = [(k, spec, r) for k, spec in enumerate(specs)
+        for r in load_spec(f"results/smollm2-gsm8k/{spec}.yaml", root / spec).runs]
+# kava experiment --only's patterns: one that matches no run of these specs is an error
+chosen = {id(r) for r in select_runs([r for *_, r in runs], parse_only(os.environ["ONLY"]))}
+rows = [(r.seed, k, r.index, spec, r.name) for k, spec, r in runs
+        if id(r) in chosen and not (r.dir / "DONE.json").exists()]
 for *_, spec, name in sorted(rows):
     print(spec, name)
 EOF

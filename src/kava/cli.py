@@ -447,13 +447,10 @@ def cmd_push(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from kava.config import ConfigError
-    from kava.experiments import load_spec, parse_shard, run_experiment
+    from kava.experiments import load_spec, parse_only, parse_shard, run_experiment
 
     shard = parse_shard(args.shard) if args.shard is not None else None
-    only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only is not None else None
-    if only is not None and not only:
-        raise ConfigError("--only: expected run-name patterns, e.g. '*__seed0'")
+    only = parse_only(args.only) if args.only is not None else None
     exp = load_spec(args.spec, args.output_dir, args.overrides)
     run_experiment(exp, shard=shard, dry_run=args.dry_run, progress=not args.no_progress, only=only)
     return 0

@@ -365,6 +365,14 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def parse_only(text: str) -> list[str]:
+    """``"*__seed0, kava__seed2"`` -> ``["*__seed0", "kava__seed2"]``: run-name patterns."""
+    patterns = [p.strip() for p in (text or "").split(",") if p.strip()]
+    if not patterns:
+        raise ConfigError(f"--only {text!r}: expected run-name patterns, e.g. '*__seed0'")
+    return patterns
+
+
 def shard_runs(runs: list[Run], shard: tuple[int, int] | None) -> list[Run]:
     if shard is None:
         return list(runs)
