@@ -66,10 +66,6 @@ def test_committed_runs_match_the_spec(name):
 # Committed reports and the other experiments' rows each was written with (kava report
 # --also); the README's tables are copied from these.
 REPORTS = {"eq": {}, "controls": {"eq": ["kava", "pccot"]}, "nl": {}}
-# rows with fewer than 3 seeds so far: NL seed 2 of CODI did not fit the 2026-12-07 slices
-SEEDS_SO_FAR = {("nl", "codi"): 2}
-
-
 def _runs_of(folder: Path) -> dict[tuple[str, str], list[Path]]:
     """(method, "key=value, ...") -> complete run folders, read from DONE.json."""
     out: dict[tuple[str, str], list[Path]] = {}
@@ -100,8 +96,7 @@ def test_committed_report_is_the_committed_runs(name):
         seen.add(key)
         ms = [json.loads((d / "eval" / row["dataset"] / "metrics.json").read_text()) for d in dirs]
         acc = [m["accuracy"] for m in ms]
-        # every seed done (3), but for the runs still to run (README: "Left to run")
-        assert int(row["n"]) == len(dirs) == SEEDS_SO_FAR.get((name, row["method"]), 3), key
+        assert int(row["n"]) == len(dirs) == 3, key  # every seed of every row done
         assert float(row["accuracy_mean"]) == pytest.approx(statistics.mean(acc), abs=1e-12)
         assert float(row["accuracy_std"]) == pytest.approx(statistics.stdev(acc), abs=1e-12)
         passes = statistics.mean(m["mean_forward_passes"] for m in ms)
