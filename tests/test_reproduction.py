@@ -66,6 +66,8 @@ def test_committed_runs_match_the_spec(name):
 # Committed reports and the other experiments' rows each was written with (kava report
 # --also); the README's tables are copied from these.
 REPORTS = {"eq": {}, "controls": {"eq": ["kava", "pccot"]}, "nl": {}}
+
+
 def _runs_of(folder: Path) -> dict[tuple[str, str], list[Path]]:
     """(method, "key=value, ...") -> complete run folders, read from DONE.json."""
     out: dict[tuple[str, str], list[Path]] = {}
