@@ -344,6 +344,33 @@ def test_kava_tokens_are_never_predicted(make_backbone):
     assert torch.isfinite(logits[:, : bb.first_new_id]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_match_a_masked_float_copy(make_backbone, dtype):
+    """`logits` (head output + a 0/-inf bias) equals the plain recipe bit for bit, forward
+    and backward: the head's output cast to float32, kava's tokens set to -inf."""
+    bb = make_backbone("llama")
+    bb.lm_head.to(dtype)
+    special = [bb.ids.bot, bb.ids.eot, bb.ids.latent, bb.ids.pad]
+    hidden = (torch.randn(6, bb.hidden_size) * 3).to(dtype)
+    target = torch.randint(0, bb.first_new_id, (6,))
+
+    def reference(h):
+        out = bb.lm_head(h)[:, : len(bb.tokenizer)].float().clone()
+        out[:, special] = float("-inf")
+        return out
+
+    grads = []
+    for fn in (bb.logits, reference):
+        h = hidden.clone().requires_grad_()  # the head is frozen: the gradient goes to h
+        logits = fn(h)
+        assert logits.dtype == torch.float32
+        torch.nn.functional.cross_entropy(logits, target).backward()
+        grads.append((logits.detach(), h.grad))
+    for got, want in zip(grads[0], grads[1]):
+        assert torch.equal(got, want)
+    assert torch.isinf(grads[0][0][:, special]).all()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_kv_loss_is_minimised(make_backbone, arch):
     """The student's latent KV moves onto fixed compressed teacher KV when only L_KV is trained."""

@@ -162,9 +162,10 @@ class Backbone(nn.Module):
         # Predictable ids: the tokenizer's, less kava's four (never a label, never an
         # output); rows padded to 64 and a model's spare rows (Qwen2) are cut off.
         self.vocab_size = len(tokenizer)
-        never = torch.zeros(self.vocab_size, dtype=torch.bool)
-        never[self.first_new_id : self.first_new_id + 4] = True
-        self.register_buffer("never_predicted", never, persistent=False)
+        # as a float32 bias [V] added to the logits in `logits`: 0, or -inf where never
+        bias = torch.zeros(self.vocab_size)
+        bias[self.first_new_id : self.first_new_id + 4] = float("-inf")
+        self.register_buffer("never_predicted_bias", bias, persistent=False)
         self.hidden_size = dim
         self._cache_kw = cache_keyword(self.decoder)
         # kava's own layer loop (kava.layers) where the architecture allows, else HF's
@@ -344,8 +345,13 @@ class Backbone(nn.Module):
         Only the tokenizer's own tokens can be predicted: rows that pad the embedding
         matrix, a model's spare rows and kava's four special tokens get no probability.
         """
-        out = self.lm_head(hidden)[..., : self.vocab_size].float()
-        return out.masked_fill(self.never_predicted, float("-inf"))
+        # One pass over the [N, V] logits: a half-precision head's output plus the float32
+        # bias promotes to float32 (the cast) and masks (x + -inf = -inf, x + 0 = x), and
+        # the add's backward hands the gradient through without a copy. A masked_fill
+        # after .float() cost a clone and a fill forward and a masked copy of the gradient
+        # backward. The bias's .float() is a no-op unless a .to(dtype) of the module cast
+        # it (0 and -inf survive any float dtype exactly).
+        return self.lm_head(hidden)[..., : self.vocab_size] + self.never_predicted_bias.float()
 
     @contextlib.contextmanager
     def eval_mode(self):
