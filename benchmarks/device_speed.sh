@@ -10,7 +10,8 @@
 # trains it: micro-batch 32, K=4 processes on one GPU, eager then compiled), profile
 # (torch.profiler of the Llama-1B after step, then the Llama-3.2-3B after row), gen (inference only, Llama-3.2-1B:
 # generation with fused q/k/v, eval.fused_qkv, (--fused-generation) against the default back to back;
-# RESULTS.md's inference command, ~2-3 min each with the compile; no "before" tree needed).
+# RESULTS.md's inference command, ~2-3 min each with the compile; no "before" tree needed),
+# logits (a change against build/prev, the commit before it, and the before; then the profile).
 # Every run writes $OUT/$TAG-<name>.json as it goes (a cut run still returns what it measured)
 # and its log; a per-run time limit keeps the call inside the device's 10 minutes.
 set -uo pipefail
@@ -32,7 +33,8 @@ bench() { # name tree seconds args... (then "${COMMON[@]}": gen sets it to INFER
 import json, sys
 path, tree = sys.argv[1:]
 d = json.load(open(path))
-d["code"] = "before (d21e6e7, git archive)" if tree != "." else "after (working tree)"
+d["code"] = {".": "after (working tree)", "build/before": "before (d21e6e7, git archive)"}.get(
+    tree, f"{tree} (git archive)")
 json.dump(d, open(path, "w"), indent=2)
 t = d.get("train", {})
 if t:
@@ -97,6 +99,17 @@ gen)
   COMMON=("${INFER[@]}")
   bench gen-llama1b-fused . 280 --arch llama-1b --fused-generation
   bench gen-llama1b-unfused . 280 --arch llama-1b ;;
-*) echo "usage: TAG=c5 bash benchmarks/device_speed.sh headline|llama1b|smollm2|ab|qwen|more|profile|share|gen" >&2; exit 2 ;;
+logits)
+  # a change against the commit before it, with the before for the 2x ratio, one call:
+  #   git archive <commit before> src benchmarks | tar -x -C build/prev   # here; carry both
+  # (2026-12-07: the logits as head output + a 0/-inf bias, not .float() then masked_fill);
+  # then the profile of the working tree with its fixed busy time; ~8 min
+  bench before-llama1b "$BEFORE" 90 --arch llama-1b --micro-batch 128 --steps 5 --warmup 2
+  bench prev-llama1b build/prev 140 --arch llama-1b --micro-batch 128 --steps 12 --warmup 2
+  bench after-llama1b . 140 --arch llama-1b --micro-batch 128 --steps 12 --warmup 2
+  PYTHONPATH=src timeout 150 python3 benchmarks/profile_kava.py --arch llama-1b --micro-batch 128 \
+    --compile layers --rows 30 >"$OUT/$TAG-profile-llama1b.txt" 2>&1
+  echo "rc $? after $SECONDS s"; grep "^===" "$OUT/$TAG-profile-llama1b.txt" ;;
+*) echo "usage: TAG=c5 bash benchmarks/device_speed.sh headline|llama1b|smollm2|ab|qwen|more|profile|share|gen|logits" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

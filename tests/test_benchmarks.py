@@ -168,3 +168,28 @@ def test_profile_script_profiles_the_train_step_and_both_generations():
     ], out
     assert all(float(wall) > 0 and float(busy) > 0 for _, wall, busy in heads)
     assert out.count("Self CPU") >= 3  # the profiler's operator tables
+
+
+def test_profile_busy_time_counts_overlapping_kernels_once():
+    """profile_kava.covered_length against counting covered unit cells one by one."""
+    import random
+
+    spec = importlib.util.spec_from_file_location("profile_kava", SCRIPT.parent / "profile_kava.py")
+    module = importlib.util.module_from_spec(spec)
+    had_bench = "bench_kava" in sys.modules  # the fixture's; else profile_kava imports one
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if not had_bench:
+            sys.modules.pop("bench_kava", None)
+    rng = random.Random(0)
+    for _ in range(200):
+        cells = set()
+        intervals = []
+        for _ in range(rng.randint(0, 8)):
+            start = rng.randint(0, 30)
+            end = start + rng.randint(0, 10)
+            intervals.append((start, end))
+            cells.update(range(start, end))
+        assert module.covered_length(intervals) == len(cells), intervals
+    assert module.covered_length([(0, 4), (1, 2), (3, 6)]) == 6  # nested, then overlapping
