@@ -11,7 +11,8 @@
 # (torch.profiler of the Llama-1B after step, then the Llama-3.2-3B after row), gen (inference only, Llama-3.2-1B:
 # generation with fused q/k/v, eval.fused_qkv, (--fused-generation) against the default back to back;
 # RESULTS.md's inference command, ~2-3 min each with the compile; no "before" tree needed),
-# logits (a change against build/prev, the commit before it, and the before; then the profile).
+# logits (a change against build/prev, the commit before it, and the before; then the profile),
+# ce (the chunked cross-entropy against build/prev, then --nl at micro-batch 128).
 # Every run writes $OUT/$TAG-<name>.json as it goes (a cut run still returns what it measured)
 # and its log; a per-run time limit keeps the call inside the device's 10 minutes.
 set -uo pipefail
@@ -110,6 +111,13 @@ logits)
   PYTHONPATH=src timeout 150 python3 benchmarks/profile_kava.py --arch llama-1b --micro-batch 128 \
     --compile layers --rows 30 >"$OUT/$TAG-profile-llama1b.txt" 2>&1
   echo "rc $? after $SECONDS s"; grep "^===" "$OUT/$TAG-profile-llama1b.txt" ;;
-*) echo "usage: TAG=c5 bash benchmarks/device_speed.sh headline|llama1b|smollm2|ab|qwen|more|profile|share|gen|logits" >&2; exit 2 ;;
+ce)
+  # the chunked cross-entropy (losses.linear_nll: no float32 [N, V] logits kept for
+  # backward) against build/prev, the commit before it, back to back; then --nl at
+  # micro-batch 128, which ran out of memory on the H100 before (h2); ~6.5 min
+  bench prev-llama1b build/prev 115 --arch llama-1b --micro-batch 128 --steps 8 --warmup 2
+  bench after-llama1b . 115 --arch llama-1b --micro-batch 128 --steps 8 --warmup 2
+  bench after-llama1b-nl . 150 --arch llama-1b --micro-batch 128 --steps 4 --warmup 2 --nl ;;
+*) echo "usage: TAG=c5 bash benchmarks/device_speed.sh headline|llama1b|smollm2|ab|qwen|more|profile|share|gen|logits|ce" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

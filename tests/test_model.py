@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import EXAMPLES, train_steps
 from kava import losses
@@ -371,6 +372,28 @@ def test_logits_match_a_masked_float_copy(make_backbone, dtype):
     assert torch.isinf(grads[0][0][:, special]).all()
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_nll_is_cross_entropy_of_the_logits(make_backbone, autocast):
+    """`Backbone.nll` (the training CE, without keeping [N, V] logits) against
+    F.cross_entropy of `logits`, value and gradient; under bf16 autocast both run the head's
+    matmul in bf16."""
+    bb = make_backbone("qwen2")  # spare rows past the tokenizer's: cut off in both
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, bb.hidden_size, generator=g) * 3
+    target = torch.randint(0, bb.first_new_id, (7,), generator=g)
+    out = []
+    for fn in (bb.nll, lambda h, t: F.cross_entropy(bb.logits(h), t, reduction="none")):
+        h = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            nll = fn(h, target)
+        nll.sum().backward()
+        out.append((nll.detach(), h.grad))
+    assert out[0][0].dtype == torch.float32
+    tol = {"rtol": 1e-2, "atol": 1e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(out[0][0], out[1][0], **tol)
+    torch.testing.assert_close(out[0][1], out[1][1], **tol)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_kv_loss_is_minimised(make_backbone, arch):
     """The student's latent KV moves onto fixed compressed teacher KV when only L_KV is trained."""
@@ -418,13 +441,14 @@ def test_training_answer_pass_scores_what_generation_generates(make_backbone, ar
         answer_labels=torch.cat([torch.full_like(head, IGNORE), g], 1),
         distill_index=head.shape[1] - 1,
     )
-    seen = []  # the logits training computes, [B * n, V], labelled positions row-major
-    logits = bb.logits
-    bb.logits = lambda h: seen.append(logits(h)) or seen[-1]
+    seen = []  # the hidden states training scores, [B * n, D], labelled positions row-major
+    nll = bb.nll
+    bb.nll = lambda h, target: seen.append(h) or nll(h, target)
     with torch.no_grad():
         out = answer_pass(bb, batch, latent_passes(bb, sb.question_ids, sb.question_mask, m, t))
-    del bb.logits
-    (scored,) = seen
+        del bb.nll
+        (hidden,) = seen
+        scored = bb.logits(hidden)  # [B * n, V]
     assert torch.equal(scored.argmax(-1).reshape(g.shape), g)
     best = scored.log_softmax(-1).max(-1).values.reshape(g.shape).sum(-1)
     torch.testing.assert_close(out.nll_sum, -best)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from kava import layers, qkv
+from kava import layers, losses, qkv
 from kava.attention import (
     ATTN_IMPLEMENTATION,
     RowCapture,
@@ -352,6 +352,24 @@ class Backbone(nn.Module):
         # backward. The bias's .float() is a no-op unless a .to(dtype) of the module cast
         # it (0 and -inf survive any float dtype exactly).
         return self.lm_head(hidden)[..., : self.vocab_size] + self.never_predicted_bias.float()
+
+    def nll(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``[N, D]`` final hidden states, ``[N]`` target ids -> ``[N]`` float32 NLL.
+
+        ``F.cross_entropy(self.logits(hidden), target, reduction="none")``, without keeping
+        the float32 ``[N, V]`` logits between forward and backward (``losses.linear_nll``)
+        where the head is a plain bias-free ``nn.Linear`` (else exactly that).
+        """
+        head = self.lm_head
+        if type(head) is not nn.Linear or head.bias is not None:  # e.g. a LoRA-wrapped head
+            return F.cross_entropy(self.logits(hidden), target, reduction="none")
+        # the dtype the head's matmul runs in, as F.linear under autocast would choose
+        device = hidden.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else head.weight.dtype
+        weight = head.weight[: self.vocab_size].to(dtype)
+        bias = self.never_predicted_bias.float()
+        return losses.linear_nll(hidden.to(dtype), weight, bias, target)
 
     @contextlib.contextmanager
     def eval_mode(self):

@@ -42,6 +42,67 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return nll.sum(-1), (target != IGNORE).sum(-1)
 
 
+class _LinearNLL(torch.autograd.Function):
+    """``linear_nll``'s forward and backward, chunk by chunk of rows (see there)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, chunk_rows):
+        nll = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        lse = torch.empty_like(nll)
+        # the matmuls in the inputs' dtype, forward and backward alike (no autocast)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for a in range(0, hidden.shape[0], chunk_rows):
+                b = a + chunk_rows
+                logits = (hidden[a:b] @ weight.T).float() + bias  # [n, V]
+                lse[a:b] = torch.logsumexp(logits, -1)
+                nll[a:b] = lse[a:b] - logits.gather(1, target[a:b, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, bias, target, lse)
+        ctx.chunk_rows = chunk_rows
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        hidden, weight, bias, target, lse = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[:2]
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        for a in range(0, hidden.shape[0], ctx.chunk_rows):
+            b = a + ctx.chunk_rows
+            logits = (hidden[a:b] @ weight.T).float() + bias  # recomputed, not kept: [n, V]
+            # d nll / d logits = softmax - one_hot(target), times the incoming gradient
+            d = torch.exp(logits - lse[a:b, None])
+            d.scatter_add_(1, target[a:b, None], d.new_full((d.shape[0], 1), -1.0))
+            d = (d * grad_nll[a:b, None]).to(hidden.dtype)
+            if want_h:
+                grad_h[a:b] = d @ weight
+            if want_w:
+                grad_w += (d.T @ hidden[a:b]).float()
+        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
+
+
+def linear_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of a linear head without keeping its ``[N, V]`` logits.
+
+    ``hidden [N, D]`` and ``weight [V, D]`` in one dtype (the head's matmul dtype),
+    ``bias [V]`` float32 (added to the float32 logits, e.g. 0 / -inf), ``target [N]``.
+    Returns ``nll [N]`` float32, equal to ``F.cross_entropy((hidden @ weight.T).float() +
+    bias, target, reduction="none")``. Rows go through in chunks of ``chunk_rows`` (default:
+    about 1 GiB of float32 logits) and the backward recomputes each chunk's logits, so
+    only ``hidden`` and one float per row are kept between forward and backward: the plain
+    recipe keeps the float32 log-probabilities, N x V (8 GiB for 16k rows of a
+    128k-token vocabulary), through the rest of the forward pass.
+    """
+    if chunk_rows is None:
+        chunk_rows = max(1, 2**28 // weight.shape[0])
+    return _LinearNLL.apply(hidden, weight, bias, target, chunk_rows)
+
+
 def mean_ce(nll_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Cross-entropy averaged per supervised token over the whole batch."""
     return nll_sum.sum() / count.sum().clamp(min=1)

@@ -41,8 +41,7 @@ def selected_nll(
     flat = sel.flatten().nonzero().squeeze(1)  # [N_sel] into the B x (S-1) positions
     # index_select (backward: index_add), not a boolean mask (a sort-based index_put)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, flat)
-    logits = backbone.logits(h)  # [N_sel, V]
-    nll = nn.functional.cross_entropy(logits, target.flatten()[flat], reduction="none")
+    nll = backbone.nll(h, target.flatten()[flat])  # [N_sel], no [N_sel, V] logits kept
     rows = flat // target.shape[1]
     nll_sum = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(
         0, rows, nll
