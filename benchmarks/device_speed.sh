@@ -12,7 +12,7 @@
 # generation with fused q/k/v, eval.fused_qkv, (--fused-generation) against the default back to back;
 # RESULTS.md's inference command, ~2-3 min each with the compile; no "before" tree needed),
 # logits (a change against build/prev, the commit before it, and the before; then the profile),
-# ce (the chunked cross-entropy against build/prev, then --nl at micro-batch 128).
+# ce (train.chunked_ce against the default cross-entropy, then --nl at micro-batch 128).
 # Every run writes $OUT/$TAG-<name>.json as it goes (a cut run still returns what it measured)
 # and its log; a per-run time limit keeps the call inside the device's 10 minutes.
 set -uo pipefail
@@ -112,12 +112,14 @@ logits)
     --compile layers --rows 30 >"$OUT/$TAG-profile-llama1b.txt" 2>&1
   echo "rc $? after $SECONDS s"; grep "^===" "$OUT/$TAG-profile-llama1b.txt" ;;
 ce)
-  # the chunked cross-entropy (losses.linear_nll: no float32 [N, V] logits kept for
-  # backward) against build/prev, the commit before it, back to back; then --nl at
-  # micro-batch 128, which ran out of memory on the H100 before (h2); ~6.5 min
-  bench prev-llama1b build/prev 115 --arch llama-1b --micro-batch 128 --steps 8 --warmup 2
+  # train.chunked_ce (losses.linear_nll, its chunk kernels compiled) against the default
+  # cross-entropy, same tree, back to back; then --nl at micro-batch 128 with it, which ran
+  # out of memory on the H100 without it (h2); ~4 min
   bench after-llama1b . 115 --arch llama-1b --micro-batch 128 --steps 8 --warmup 2
-  bench after-llama1b-nl . 150 --arch llama-1b --micro-batch 128 --steps 4 --warmup 2 --nl ;;
+  bench after-llama1b-chunked-ce . 100 --arch llama-1b --micro-batch 128 --steps 8 --warmup 2 \
+    --set train.chunked_ce=true
+  bench after-llama1b-nl-chunked-ce . 100 --arch llama-1b --micro-batch 128 --steps 4 --warmup 2 \
+    --nl --set train.chunked_ce=true ;;
 *) echo "usage: TAG=c5 bash benchmarks/device_speed.sh headline|llama1b|smollm2|ab|qwen|more|profile|share|gen|logits|ce" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

@@ -186,3 +186,24 @@ def test_linear_nll_of_no_rows():
     out = losses.linear_nll(hidden, torch.randn(5, 3), torch.zeros(5), torch.zeros(0).long())
     out.sum().backward()
     assert out.shape == (0,) and hidden.grad.shape == (0, 3)
+
+
+def test_linear_nll_compiled_chunks_match_eager():
+    """The torch.compile'd chunk kernels (inductor, as on CUDA) against the eager ones:
+    value and row gradient, for two row counts (dynamic shapes) and a -inf column."""
+    g = torch.Generator().manual_seed(3)
+    D, V = 8, 40
+    weight = torch.randn(V, D, generator=g)
+    bias = torch.zeros(V)
+    bias[5] = float("-inf")
+    for N in (6, 11):
+        hidden = torch.randn(N, D, generator=g)
+        target = torch.randint(0, 5, (N,), generator=g)
+        scale = torch.rand(N, generator=g)
+        out = []
+        for compiled in (True, False):
+            h = hidden.clone().requires_grad_()
+            nll = losses.linear_nll(h, weight, bias, target, 4, compiled=compiled)
+            (nll * scale).sum().backward()
+            out.append((nll.detach(), h.grad))
+        torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)

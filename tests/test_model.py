@@ -310,6 +310,30 @@ def method_batch(bb, cfg, step: int = 0):
     return Curriculum(cfg, steps_per_epoch=2, ids=bb.ids).batch(items, step).batch
 
 
+def test_chunked_ce_trains_what_the_plain_ce_trains(build):
+    """A KaVa step with train.chunked_ce (set as kava.train sets it) gives the loss terms
+    and gradients of the plain cross-entropy, and never takes the [N, V] logits path."""
+    from kava.train import apply_speed_options
+
+    results = []
+    for chunked in (True, False):
+        cfg = config(m=3, t=2, method="kava", **{"train.chunked_ce": chunked})
+        torch.manual_seed(0)
+        bb = build(cfg)
+        apply_speed_options(bb, cfg, torch.device("cpu"))
+        if chunked:  # the plain recipe would call logits; the chunked one must not
+            bb.logits = lambda h: pytest.fail("logits called under chunked_ce")
+        out = KavaModel(bb, cfg)(method_batch(bb, cfg))
+        out.total.backward()
+        grads = {n: p.grad for n, p in bb.named_parameters() if p.requires_grad}
+        results.append((out.metrics["student_ce"], out.metrics["teacher_ce"], grads))
+    (s1, t1, g1), (s2, t2, g2) = results
+    torch.testing.assert_close((s1, t1), (s2, t2), rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g2.keys() and g1
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize(
     "method, t",
     [
@@ -374,10 +398,11 @@ def test_logits_match_a_masked_float_copy(make_backbone, dtype):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_nll_is_cross_entropy_of_the_logits(make_backbone, autocast):
-    """`Backbone.nll` (the training CE, without keeping [N, V] logits) against
-    F.cross_entropy of `logits`, value and gradient; under bf16 autocast both run the head's
-    matmul in bf16."""
+    """`Backbone.nll` under `chunked_ce` (the training CE without keeping [N, V] logits)
+    against F.cross_entropy of `logits`, value and gradient; under bf16 autocast both run
+    the head's matmul in bf16."""
     bb = make_backbone("qwen2")  # spare rows past the tokenizer's: cut off in both
+    bb.chunked_ce(True)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(7, bb.hidden_size, generator=g) * 3
     target = torch.randint(0, bb.first_new_id, (7,), generator=g)

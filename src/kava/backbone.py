@@ -179,6 +179,7 @@ class Backbone(nn.Module):
         self._mark_dynamic = False  # compile_layers: batch / length dims marked dynamic
         self._copy_kv = False  # attention_copies: K/V copied per query head in layer_pass
         self._fuse_qkv = False  # fused_qkv: q/k/v projections fused in layer_pass
+        self._chunked_ce: bool | None = None  # chunked_ce: None (off), or compiled or not
         self._fuse_static_qkv = False  # fused_qkv_generation: plain q/k/v as one GEMM
 
     # --- building ----------------------------------------------------------------------
@@ -354,14 +355,14 @@ class Backbone(nn.Module):
         return self.lm_head(hidden)[..., : self.vocab_size] + self.never_predicted_bias.float()
 
     def nll(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``[N, D]`` final hidden states, ``[N]`` target ids -> ``[N]`` float32 NLL.
-
-        ``F.cross_entropy(self.logits(hidden), target, reduction="none")``, without keeping
-        the float32 ``[N, V]`` logits between forward and backward (``losses.linear_nll``)
-        where the head is a plain bias-free ``nn.Linear`` (else exactly that).
+        """``[N, D]`` final hidden states, ``[N]`` target ids -> ``[N]`` float32 NLL:
+        ``F.cross_entropy(self.logits(hidden), target, reduction="none")``. Under
+        ``chunked_ce`` (where the head is a plain bias-free ``nn.Linear``) without keeping
+        the float32 ``[N, V]`` logits between forward and backward (``losses.linear_nll``).
         """
         head = self.lm_head
-        if type(head) is not nn.Linear or head.bias is not None:  # e.g. a LoRA-wrapped head
+        plain = type(head) is nn.Linear and head.bias is None  # not e.g. a LoRA-wrapped head
+        if self._chunked_ce is None or not plain:
             return F.cross_entropy(self.logits(hidden), target, reduction="none")
         # the dtype the head's matmul runs in, as F.linear under autocast would choose
         device = hidden.device.type
@@ -369,7 +370,13 @@ class Backbone(nn.Module):
         dtype = torch.get_autocast_dtype(device) if autocast else head.weight.dtype
         weight = head.weight[: self.vocab_size].to(dtype)
         bias = self.never_predicted_bias.float()
-        return losses.linear_nll(hidden.to(dtype), weight, bias, target)
+        return losses.linear_nll(hidden.to(dtype), weight, bias, target, compiled=self._chunked_ce)
+
+    def chunked_ce(self, enabled: bool, compiled: bool = False) -> None:
+        """``nll`` without keeping ``[N, V]`` logits (``train.chunked_ce``): less memory,
+        a second head matmul in backward; ``compiled``: its per-chunk float32 work as
+        ``torch.compile``d kernels."""
+        self._chunked_ce = compiled if enabled else None
 
     @contextlib.contextmanager
     def eval_mode(self):

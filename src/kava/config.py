@@ -197,6 +197,11 @@ class TrainConfig:
     # The same function; layers that are not plain LoRA on q/k/v run unfused. Off: no
     # gain on an H100 over 20 steps (0.436 s either way, benchmarks/RESULTS.md, h2).
     fused_qkv: bool = False
+    # Cross-entropy without keeping the float32 [N, V] logits (kava.losses.linear_nll):
+    # the head's rows in ~1 GiB chunks, their logits recomputed in backward. Less memory
+    # where the logits are large (long traces, big vocabularies), at the cost of a second
+    # head matmul (benchmarks/RESULTS.md, h5).
+    chunked_ce: bool = False
     # A checkpoint folder (e.g. a CoT run's final/) whose trainable tensors initialise
     # this run (Coconut's recipe starts from CoT fine-tuning); same model and LoRA shape.
     init_from: str | None = None

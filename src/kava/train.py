@@ -225,13 +225,14 @@ def compile_enabled(cfg: KavaConfig, device: torch.device) -> bool:
 
 def apply_speed_options(backbone: Backbone, cfg: KavaConfig, device: torch.device) -> None:
     """Compiled layer pass, attention with or without K/V copies, fused q/k/v
-    projections, activation checkpointing, no fp32 copies of LoRA inputs under bf16
-    autocast (train.compile, train.attention, train.fused_qkv,
-    train.activation_checkpointing, train.mixed_precision)."""
+    projections, chunked cross-entropy, activation checkpointing, no fp32 copies of LoRA
+    inputs under bf16 autocast (train.compile, train.attention, train.fused_qkv,
+    train.chunked_ce, train.activation_checkpointing, train.mixed_precision)."""
     if _mixed_precision(cfg) == "bf16":
         backbone.lora_input_cast(False)
     backbone.attention_copies(cfg.train.attention == "repeat_kv")
     backbone.fused_qkv(cfg.train.fused_qkv)
+    backbone.chunked_ce(cfg.train.chunked_ce, compiled=compile_enabled(cfg, device))
     if cfg.train.activation_checkpointing:
         backbone.checkpoint_layers()
     if compile_enabled(cfg, device):
