@@ -198,9 +198,10 @@ class TrainConfig:
     # gain on an H100 over 20 steps (0.436 s either way, benchmarks/RESULTS.md, h2).
     fused_qkv: bool = False
     # Cross-entropy without keeping the float32 [N, V] logits (kava.losses.linear_nll):
-    # the head's rows in ~1 GiB chunks, their logits recomputed in backward. Less memory
-    # where the logits are large (long traces, big vocabularies), at the cost of a second
-    # head matmul (benchmarks/RESULTS.md, h5).
+    # the head's rows in ~1 GiB chunks, their logits recomputed in backward. For memory,
+    # not speed: on an H100 (Llama-1B shape, micro-batch 128) 3.4 GiB less peak memory and
+    # 12% slower steps (0.497 vs 0.445 s); with it --nl traces fit micro-batch 128
+    # (74 GiB), which ran out of memory without (benchmarks/RESULTS.md, h5/h6).
     chunked_ce: bool = False
     # A checkpoint folder (e.g. a CoT run's final/) whose trainable tensors initialise
     # this run (Coconut's recipe starts from CoT fine-tuning); same model and LoRA shape.

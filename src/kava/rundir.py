@@ -40,6 +40,7 @@ RESUME_MUTABLE = (
     "train.activation_checkpointing",
     "train.attention",  # the same attention, rounded differently (as train.compile)
     "train.fused_qkv",  # the same projections, rounded differently
+    "train.chunked_ce",  # the same cross-entropy, rounded differently
     "train.report_to",  # trackers only observe
     "eval.",
 )
