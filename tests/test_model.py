@@ -414,6 +414,13 @@ def test_nll_is_cross_entropy_of_the_logits(make_backbone, autocast):
         nll.sum().backward()
         out.append((nll.detach(), h.grad))
     assert out[0][0].dtype == torch.float32
+    # a sharded head (FSDP2: a DTensor, with placements) goes through the module instead
+    bb.lm_head.weight.placements = ("Shard(dim=0)",)
+    seen = []
+    logits = bb.logits
+    bb.logits = lambda h: seen.append(h) or logits(h)
+    bb.nll(hidden, target)
+    assert len(seen) == 1
     tol = {"rtol": 1e-2, "atol": 1e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(out[0][0], out[1][0], **tol)
     torch.testing.assert_close(out[0][1], out[1][1], **tol)

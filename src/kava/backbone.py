@@ -361,7 +361,10 @@ class Backbone(nn.Module):
         the float32 ``[N, V]`` logits between forward and backward (``losses.linear_nll``).
         """
         head = self.lm_head
-        plain = type(head) is nn.Linear and head.bias is None  # not e.g. a LoRA-wrapped head
+        # not a LoRA-wrapped head, nor one whose weight is a shard (FSDP2's DTensor, which
+        # has placements): those run through the module, as the plain recipe does
+        plain = type(head) is nn.Linear and head.bias is None
+        plain = plain and not hasattr(head.weight, "placements")
         if self._chunked_ce is None or not plain:
             return F.cross_entropy(self.logits(hidden), target, reduction="none")
         # the dtype the head's matmul runs in, as F.linear under autocast would choose

@@ -61,8 +61,8 @@ _COMPILED = {}
 
 
 def _chunk_fns(compiled: bool):
-    """The two chunk functions, eager or ``torch.compile``d (each then one fused kernel
-    over the chunk instead of ~4 (forward) and ~6 (backward) float32 passes)."""
+    """The two chunk functions, eager or ``torch.compile``d (inductor fuses their float32
+    elementwise work; measured no faster per step on an H100, benchmarks/RESULTS.md h6)."""
     if not compiled:
         return _chunk_nll, _chunk_grad
     if not _COMPILED:
