@@ -179,7 +179,8 @@ class Backbone(nn.Module):
         self._mark_dynamic = False  # compile_layers: batch / length dims marked dynamic
         self._copy_kv = False  # attention_copies: K/V copied per query head in layer_pass
         self._fuse_qkv = False  # fused_qkv: q/k/v projections fused in layer_pass
-        self._chunked_ce: bool | None = None  # chunked_ce: None (off), or compiled or not
+        self._chunked_ce = False  # chunked_ce: nll without keeping [N, V] logits
+        self._chunked_ce_compiled = False  # chunked_ce: its chunk kernels compiled
         self._fuse_static_qkv = False  # fused_qkv_generation: plain q/k/v as one GEMM
 
     # --- building ----------------------------------------------------------------------
@@ -363,9 +364,8 @@ class Backbone(nn.Module):
         head = self.lm_head
         # not a LoRA-wrapped head, nor one whose weight is a shard (FSDP2's DTensor, which
         # has placements): those run through the module, as the plain recipe does
-        plain = type(head) is nn.Linear and head.bias is None
-        plain = plain and not hasattr(head.weight, "placements")
-        if self._chunked_ce is None or not plain:
+        chunked = self._chunked_ce and type(head) is nn.Linear and head.bias is None
+        if not chunked or hasattr(head.weight, "placements"):
             return F.cross_entropy(self.logits(hidden), target, reduction="none")
         # the dtype the head's matmul runs in, as F.linear under autocast would choose
         device = hidden.device.type
@@ -373,13 +373,14 @@ class Backbone(nn.Module):
         dtype = torch.get_autocast_dtype(device) if autocast else head.weight.dtype
         weight = head.weight[: self.vocab_size].to(dtype)
         bias = self.never_predicted_bias.float()
-        return losses.linear_nll(hidden.to(dtype), weight, bias, target, compiled=self._chunked_ce)
+        compiled = self._chunked_ce_compiled
+        return losses.linear_nll(hidden.to(dtype), weight, bias, target, compiled=compiled)
 
     def chunked_ce(self, enabled: bool, compiled: bool = False) -> None:
         """``nll`` without keeping ``[N, V]`` logits (``train.chunked_ce``): less memory,
         a second head matmul in backward; ``compiled``: its per-chunk float32 work as
         ``torch.compile``d kernels."""
-        self._chunked_ce = compiled if enabled else None
+        self._chunked_ce, self._chunked_ce_compiled = enabled, compiled
 
     @contextlib.contextmanager
     def eval_mode(self):

@@ -7,6 +7,8 @@ the functions detach them again so a caller cannot leak gradients into the teach
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -57,17 +59,13 @@ def _chunk_grad(z, bias, lse, target, grad):
     return ((p - hit.float()) * grad[:, None]).to(z.dtype)
 
 
-_COMPILED = {}
-
-
+@functools.cache
 def _chunk_fns(compiled: bool):
-    """The two chunk functions, eager or ``torch.compile``d (inductor fuses their float32
-    elementwise work; measured no faster per step on an H100, benchmarks/RESULTS.md h6)."""
-    if not compiled:
-        return _chunk_nll, _chunk_grad
-    if not _COMPILED:
-        _COMPILED["fns"] = tuple(torch.compile(f, dynamic=True) for f in (_chunk_nll, _chunk_grad))
-    return _COMPILED["fns"]
+    """The two chunk functions, eager or ``torch.compile``d, once per process (inductor
+    fuses their float32 elementwise work; measured no faster per step on an H100,
+    benchmarks/RESULTS.md h6)."""
+    fns = (_chunk_nll, _chunk_grad)
+    return tuple(torch.compile(f, dynamic=True) for f in fns) if compiled else fns
 
 
 class _LinearNLL(torch.autograd.Function):
